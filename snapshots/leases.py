@@ -1,0 +1,202 @@
+"""Leases in the repository: shared (backup, restore) and exclusive (prune, daemon jobs).
+
+Layout under `locks/<name>/`:
+    shared-<uuid>.json      one per shared holder
+    x-<generation>.json     exclusive holders, generation 1, 2, ...; the highest one counts
+
+An exclusive lease is taken by *conditionally creating* the next generation after the
+highest one, which must be expired or absent: of two racers exactly one create succeeds,
+on S3 (`IfNoneMatch`) as on a local directory (link(2)). A shared holder writes its object
+first and then looks for a live exclusive one; an exclusive holder takes its generation
+first and then looks for live shared ones. Whoever sees the other backs off, so a
+shared/exclusive race can make both back off but never lets both proceed.
+
+Holders refresh their object every ttl/3 from a background thread; a holder that died
+stops refreshing and its lease expires after `ttl` seconds, after which it is taken over
+without any manual unlock. Clocks of hosts sharing a repository must be roughly in sync (NTP).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from snapshots.errors import LockedError, NotFoundError
+from snapshots.stores.base import ObjectStore
+
+_X = re.compile(r"^x-(\d{10})\.json$")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    key: str
+    name: str
+    exclusive: bool
+    owner: str
+    purpose: str
+    created: datetime
+    expires: datetime
+
+    @property
+    def expired(self) -> bool:
+        return self.expires <= _now()
+
+    def describe(self) -> str:
+        kind = "exclusive" if self.exclusive else "shared"
+        return (f"{kind} lease {self.name!r} held by {self.owner} for {self.purpose!r} "
+                f"since {self.created:%Y-%m-%d %H:%M:%SZ}, expires {self.expires:%H:%M:%SZ}")
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "name": self.name, "exclusive": self.exclusive, "owner": self.owner,
+                "purpose": self.purpose, "created": self.created.isoformat(),
+                "expires": self.expires.isoformat(), "expired": self.expired}
+
+
+def _decode(store: ObjectStore, key: str) -> LeaseInfo | None:
+    try:
+        d = json.loads(store.get(key))
+        return LeaseInfo(key, d["name"], d["exclusive"], d["owner"], d["purpose"],
+                         datetime.fromisoformat(d["created"]), datetime.fromisoformat(d["expires"]))
+    except NotFoundError:
+        return None  # released while we looked
+    except (ValueError, KeyError, TypeError):
+        # unreadable lease object: treat as expired long ago so it never blocks forever
+        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        return LeaseInfo(key, key.split("/")[1], key.rsplit("/", 1)[-1].startswith("x-"), "?", "?", epoch, epoch)
+
+
+def list_leases(store: ObjectStore, name: str | None = None) -> list[LeaseInfo]:
+    prefix = f"locks/{name}" if name else "locks"
+    out = []
+    for obj in store.list(prefix):
+        if obj.key.startswith("locks/claims/"):
+            continue
+        info = _decode(store, obj.key)
+        if info is not None:
+            out.append(info)
+    return sorted(out, key=lambda i: i.created)
+
+
+class Lease:
+    """A held lease. Use as a context manager; `release()` is idempotent."""
+
+    def __init__(self, store: ObjectStore, name: str, exclusive: bool, purpose: str,
+                 ttl: float, owner: str | None = None):
+        self.store, self.name, self.exclusive, self.purpose = store, name, exclusive, purpose
+        self.ttl = ttl
+        self.owner = owner or default_owner()
+        self.key: str | None = None
+        self.created = _now()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False  # set when a refresh found our lease gone (taken over after expiry)
+
+    def _body(self) -> bytes:
+        return json.dumps({
+            "name": self.name, "exclusive": self.exclusive, "owner": self.owner, "purpose": self.purpose,
+            "created": self.created.isoformat(), "expires": (_now() + timedelta(seconds=self.ttl)).isoformat(),
+        }).encode()
+
+    def acquire(self) -> "Lease":
+        if self.exclusive:
+            self._acquire_exclusive()
+        else:
+            self._acquire_shared()
+        self._thread = threading.Thread(target=self._refresh_loop, name=f"lease-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _live_exclusive(self) -> tuple[int, LeaseInfo | None]:
+        top, holder = 0, None
+        for obj in self.store.list(f"locks/{self.name}"):
+            m = _X.match(obj.key.rsplit("/", 1)[-1])
+            if m and int(m.group(1)) > top:
+                top = int(m.group(1))
+                holder = obj.key
+        info = _decode(self.store, holder) if holder else None
+        return top, (info if info is not None and not info.expired and info.key != self.key else None)
+
+    def _live_shared(self) -> list[LeaseInfo]:
+        return [i for i in list_leases(self.store, self.name)
+                if not i.exclusive and not i.expired and i.key != self.key]
+
+    def _acquire_exclusive(self) -> None:
+        top, holder = self._live_exclusive()
+        if holder is not None:
+            raise LockedError(f"repository is locked: {holder.describe()}")
+        key = f"locks/{self.name}/x-{top + 1:010d}.json"
+        if not self.store.create(key, self._body()):
+            winner = _decode(self.store, key)
+            raise LockedError("repository is locked: " + (winner.describe() if winner else "another process won the lease"))
+        self.key = key
+        shared = self._live_shared()
+        if shared:
+            self.release()
+            raise LockedError(f"repository is in use: {shared[0].describe()}"
+                              + (f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""))
+        for obj in self.store.list(f"locks/{self.name}"):  # older generations are expired: tidy up
+            m = _X.match(obj.key.rsplit("/", 1)[-1])
+            if m and int(m.group(1)) < top:
+                self.store.delete(obj.key)
+
+    def _acquire_shared(self) -> None:
+        self.key = f"locks/{self.name}/shared-{uuid.uuid4().hex}.json"
+        self.store.put(self.key, self._body())
+        _, holder = self._live_exclusive()
+        if holder is not None:
+            self.release()
+            raise LockedError(f"repository is locked: {holder.describe()}")
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(max(self.ttl / 3, 0.05)):
+            try:
+                if self.key is None:
+                    return
+                if self.exclusive and not self.store.exists(self.key):
+                    self.lost = True
+                    return
+                self.store.put(self.key, self._body())
+            except Exception:  # noqa: BLE001 - a failed refresh is retried next period; expiry is the backstop
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if self.key is not None:
+            try:
+                self.store.delete(self.key)
+            finally:
+                self.key = None
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def acquire_lease(store: ObjectStore, name: str, *, exclusive: bool, purpose: str, ttl: float = 300,
+                  owner: str | None = None) -> Lease:
+    """Take a lease or raise LockedError naming who holds it."""
+    return Lease(store, name, exclusive, purpose, ttl, owner).acquire()
+
+
+def claim_once(store: ObjectStore, job: str, tick: datetime, owner: str | None = None) -> bool:
+    """True for exactly one caller per (job, tick) across all processes sharing the repository."""
+    key = f"locks/claims/{job}/{tick.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    body = json.dumps({"owner": owner or default_owner(), "claimed": _now().isoformat()}).encode()
+    return store.create(key, body)

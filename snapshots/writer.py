@@ -1,0 +1,203 @@
+"""Writing a snapshot: record streams in, deduplicated chunks and one manifest out.
+
+    writer = repo.begin_snapshot("memory", "postgres")
+    with writer.item("public.memories", "table", "pg-copy-text", schema={...}) as item:
+        for line in rows:
+            item.add(line)
+    manifest = writer.commit(cut_time)
+
+Chunks are compressed and uploaded by a small thread pool while the caller keeps streaming;
+at most `2 x upload_concurrency` chunks are in flight, so memory stays bounded whatever the
+source size. The manifest is written last with a conditional create: until then the snapshot
+does not exist, and a crash leaves only unreferenced chunks for prune.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Iterable
+
+from snapshots import codec
+from snapshots.errors import Aborted, StatevaultError, StoreError
+from snapshots.manifest import ChunkRef, Item, Manifest, new_snapshot_id, utcnow
+
+if TYPE_CHECKING:
+    from snapshots.repository import Repository
+
+
+@dataclass
+class WriteStats:
+    """What a writer did; read by backup results, metrics and benchmarks."""
+
+    chunks: int = 0
+    chunks_new: int = 0
+    bytes_read: int = 0          # uncompressed bytes of all records
+    bytes_uploaded: int = 0      # compressed bytes actually written to the store
+    bytes_deduplicated: int = 0  # uncompressed bytes of chunks that were already stored
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("chunks", "chunks_new", "bytes_read", "bytes_uploaded", "bytes_deduplicated")}
+
+
+class _Uploader:
+    def __init__(self, repo: "Repository", known: set[str], stats: WriteStats):
+        self.repo = repo
+        self.known = known
+        self.stats = stats
+        self.level = repo.compression_level
+        self._pool = ThreadPoolExecutor(max_workers=repo.upload_concurrency, thread_name_prefix="upload")
+        self._slots = threading.BoundedSemaphore(repo.upload_concurrency * 2)
+        self._claimed: set[str] = set()
+        self._claim_lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def submit(self, data: bytes, records: int) -> Future:
+        if self.error is not None:
+            raise self.error
+        self._slots.acquire()
+        try:
+            fut = self._pool.submit(self._store, data, records)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, fut: Future) -> None:
+        self._slots.release()
+        if fut.exception() is not None and self.error is None:
+            self.error = fut.exception()
+
+    def _store(self, data: bytes, records: int) -> ChunkRef:
+        cid = codec.chunk_id(data)
+        with self._claim_lock:
+            fresh = cid not in self.known and cid not in self._claimed
+            self._claimed.add(cid)
+        key = codec.chunk_key(cid)
+        if fresh and self.repo.store.exists(key):
+            fresh = False
+        if fresh:
+            blob = codec.compress(data, self.level)
+            self.repo.retrying(lambda: self.repo.store.put(key, blob), f"upload chunk {cid[:12]}")
+            stored = len(blob)
+        else:
+            stored = -1  # filled from an existing object only when needed; not worth a HEAD
+        with self.stats._lock:
+            self.stats.chunks += 1
+            if fresh:
+                self.stats.chunks_new += 1
+                self.stats.bytes_uploaded += stored
+            else:
+                self.stats.bytes_deduplicated += len(data)
+        return ChunkRef(id=cid, size=len(data), stored=max(stored, 0), records=records)
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+class ItemWriter:
+    """Accepts one item's records in their deterministic order."""
+
+    def __init__(self, snapshot: "SnapshotWriter", name: str, kind: str, fmt: str, schema: dict[str, Any],
+                 offline: bool):
+        self._snap = snapshot
+        self.name, self.kind, self.format, self.schema, self.offline = name, kind, fmt, schema, offline
+        cfg = snapshot.repo.config
+        self._chunker = codec.RecordChunker(cfg.chunk_avg_size, cfg.chunk_min_size, cfg.chunk_max_size)
+        self._digest = codec.RecordDigest()
+        self._futures: list[Future] = []
+        self._chunk_records = 0
+        self.item: Item | None = None
+
+    def add(self, record: bytes, canonical: bytes | None = None) -> None:
+        """Add one record; the digest covers `canonical` when given (e.g. a Redis record
+        without its TTL, which cannot be read back exactly), else the record itself."""
+        h = self._digest.add(record if canonical is None else canonical)
+        self._chunk_records += 1
+        chunk = self._chunker.add(record, h)
+        if chunk is not None:
+            self._emit(chunk)
+
+    def add_many(self, records: Iterable[bytes]) -> None:
+        for r in records:
+            self.add(r)
+
+    def _emit(self, chunk: bytes) -> None:
+        self._snap.stats.bytes_read += len(chunk)
+        self._futures.append(self._snap._uploader.submit(chunk, self._chunk_records))
+        self._chunk_records = 0
+
+    def close(self) -> Item:
+        if self.item is not None:
+            return self.item
+        rest = self._chunker.flush()
+        if rest is not None:
+            self._emit(rest)
+        refs = [f.result() for f in self._futures]
+        self.item = Item(name=self.name, kind=self.kind, format=self.format, records=self._digest.count,
+                         digest=self._digest.hexdigest, bytes=self._digest.nbytes,
+                         stored_bytes=sum(r.stored for r in refs), chunks=refs, schema=self.schema)
+        self._snap._finish_item(self)
+        return self.item
+
+    def __enter__(self) -> "ItemWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class SnapshotWriter:
+    def __init__(self, repo: "Repository", source: str, kind: str, *, tags: Iterable[str] = (),
+                 backup_set: str | None = None, source_info: dict | None = None, known_chunks: set[str] | None = None):
+        self.repo = repo
+        self.source, self.kind = source, kind
+        self.tags = sorted(set(tags))
+        self.backup_set = backup_set
+        self.source_info = dict(source_info or {})
+        self.started_at = utcnow()
+        self.id = new_snapshot_id(self.started_at)
+        self.stats = WriteStats()
+        self._uploader = _Uploader(repo, set(known_chunks or ()), self.stats)
+        self._items: list[Item] = []
+        self._offline: list[Item] = []
+        self._names: set[tuple[bool, str]] = set()
+        self.manifest: Manifest | None = None
+
+    def item(self, name: str, kind: str, fmt: str, schema: dict[str, Any] | None = None, *,
+             offline: bool = False) -> ItemWriter:
+        if (offline, name) in self._names:
+            raise StatevaultError(f"item {name!r} written twice in snapshot {self.id}")
+        self._names.add((offline, name))
+        return ItemWriter(self, name, kind, fmt, dict(schema or {}), offline)
+
+    def _finish_item(self, w: ItemWriter) -> None:
+        (self._offline if w.offline else self._items).append(w.item)
+
+    def commit(self, cut_time: datetime, *, extra_info: dict | None = None) -> Manifest:
+        """Wait for every chunk, then write the manifest: the snapshot exists from here on."""
+        self._uploader.close()
+        if self._uploader.error is not None:
+            raise self._uploader.error
+        manifest = Manifest(id=self.id, source=self.source, kind=self.kind, started_at=self.started_at,
+                            finished_at=utcnow(), cut_time=cut_time, tags=self.tags, backup_set=self.backup_set,
+                            items=self._items, offline_index=self._offline,
+                            source_info={**self.source_info, **(extra_info or {})})
+        key = f"snapshots/{self.id}.json"
+        if not self.repo.store.create(key, manifest.to_json()):
+            raise StoreError(f"snapshot id collision on {self.id}; run the backup again")
+        self.manifest = manifest
+        return manifest
+
+    def abort(self) -> None:
+        """Stop uploading; nothing becomes visible (chunks already stored wait for prune)."""
+        self._uploader.close(cancel=True)
+
+    def check_aborted(self, event: threading.Event | None) -> None:
+        if event is not None and event.is_set():
+            self.abort()
+            raise Aborted(f"backup of {self.source} interrupted before commit; no snapshot was written")
