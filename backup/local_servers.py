@@ -430,21 +430,25 @@ class RedisServer(_LocalServer):
                      "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no",
                      "--databases", str(self.databases)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-            if self._wait_ready(timeout):
+            problem = self._wait_ready(timeout)
+            if problem is None:
                 return
             tail = log_tail(self.logfile)
             self._reap()
-            if "Address already in use" not in tail or attempt == attempts - 1:
-                raise ServerUnavailable(f"{self.flavour} ({self.binary}) did not start on port {self.port} "
-                                        f"within {timeout:.0f}s; log tail ({self.logfile}):\n{tail}",
+            port_taken = problem.startswith("another process") or "Address already in use" in tail
+            if not port_taken or attempt == attempts - 1:
+                raise ServerUnavailable(f"{self.flavour} ({self.binary}) did not start on port {self.port}: "
+                                        f"{problem}; log tail ({self.logfile}):\n{tail}",
                                         hint="see the log tail above")
 
-    def _wait_ready(self, timeout: float) -> bool:
-        """True once INFO on our port reports our own process id; False if it died or timed out."""
+    def _wait_ready(self, timeout: float) -> str | None:
+        """None once INFO on our port reports our own process id, else what went wrong."""
         import redis
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"it exited with code {self.proc.returncode}"
             try:
                 with redis.Redis(host=self.host, port=self.port, socket_timeout=2) as client:
                     info = client.info("server")
@@ -452,10 +456,10 @@ class RedisServer(_LocalServer):
                 time.sleep(0.02)
                 continue
             if int(info.get("process_id", -1)) != self.proc.pid:
-                return False  # someone else owns this port: never talk to it
+                return "another process answers on this port"  # never talk to it
             self.version = str(info.get("valkey_version") or info.get("redis_version"))
-            return True
-        return False
+            return None
+        return f"no answer to INFO within {timeout:.0f}s"
 
     def _reap(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -30,12 +30,20 @@ def _group() -> None:
     # an explicit callback keeps `explain` a subcommand even while it is the only one
 
 
-def _count(flag: str) -> Any:
-    return typer.Option(flag, help=f"{flag}: count of snapshots to keep this way; -1 = unlimited.")
+_UNITS = {"last": "snapshots", "hourly": "hours", "daily": "days", "weekly": "ISO weeks",
+          "monthly": "months", "yearly": "years"}
 
 
-def _within(flag: str) -> Any:
-    return typer.Option(flag, metavar="DUR", help=f"{flag}: duration like 1y2m3d4h, from the newest snapshot.")
+def _count(unit: str) -> Any:
+    what = ("the last N snapshots" if unit == "last"
+            else f"the newest snapshot of each of the N newest {_UNITS[unit]} that have one")
+    return typer.Option(f"--keep-{unit}", metavar="N", help=f"Keep {what}; -1 = unlimited.")
+
+
+def _within(unit: str | None) -> Any:
+    flag = f"--keep-within-{unit}" if unit else "--keep-within"
+    what = (f"the newest snapshot of each {_UNITS[unit][:-1]}" if unit else "every snapshot")
+    return typer.Option(flag, metavar="DUR", help=f"Keep {what} within DUR (e.g. 1y2m3d4h) of the newest snapshot.")
 
 
 @app.command()
@@ -43,23 +51,25 @@ def explain(
     times: Annotated[str, typer.Option("--times", metavar="FILE",
                                        help="JSON array of ISO-8601 times or {time, tags, verified} "
                                             "objects; naive times are UTC; '-' reads stdin.")],
-    keep_last: Annotated[Optional[int], _count("--keep-last")] = None,
-    keep_hourly: Annotated[Optional[int], _count("--keep-hourly")] = None,
-    keep_daily: Annotated[Optional[int], _count("--keep-daily")] = None,
-    keep_weekly: Annotated[Optional[int], _count("--keep-weekly")] = None,
-    keep_monthly: Annotated[Optional[int], _count("--keep-monthly")] = None,
-    keep_yearly: Annotated[Optional[int], _count("--keep-yearly")] = None,
-    keep_within: Annotated[Optional[str], _within("--keep-within")] = None,
-    keep_within_hourly: Annotated[Optional[str], _within("--keep-within-hourly")] = None,
-    keep_within_daily: Annotated[Optional[str], _within("--keep-within-daily")] = None,
-    keep_within_weekly: Annotated[Optional[str], _within("--keep-within-weekly")] = None,
-    keep_within_monthly: Annotated[Optional[str], _within("--keep-within-monthly")] = None,
-    keep_within_yearly: Annotated[Optional[str], _within("--keep-within-yearly")] = None,
+    keep_last: Annotated[Optional[int], _count("last")] = None,
+    keep_hourly: Annotated[Optional[int], _count("hourly")] = None,
+    keep_daily: Annotated[Optional[int], _count("daily")] = None,
+    keep_weekly: Annotated[Optional[int], _count("weekly")] = None,
+    keep_monthly: Annotated[Optional[int], _count("monthly")] = None,
+    keep_yearly: Annotated[Optional[int], _count("yearly")] = None,
+    keep_within: Annotated[Optional[str], _within(None)] = None,
+    keep_within_hourly: Annotated[Optional[str], _within("hourly")] = None,
+    keep_within_daily: Annotated[Optional[str], _within("daily")] = None,
+    keep_within_weekly: Annotated[Optional[str], _within("weekly")] = None,
+    keep_within_monthly: Annotated[Optional[str], _within("monthly")] = None,
+    keep_within_yearly: Annotated[Optional[str], _within("yearly")] = None,
     keep_tag: Annotated[Optional[list[str]], typer.Option(
-        "--keep-tag", metavar="TAGS", help="Keep snapshots carrying all of these comma-separated tags; repeatable.")] = None,
+        "--keep-tag", metavar="TAGS",
+        help="Keep snapshots carrying all of these comma-separated tags; repeatable.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show which snapshots a policy keeps (with restic's reasons) and which it removes."""
+    # the keep_* parameters are RetentionPolicy's fields by name; unset flags stay unset
     flags = {k: v for k, v in locals().items() if k.startswith("keep_") and v is not None}
     policy = build_policy(flags)
     snapshots = parse_snapshots(_read(times))
@@ -75,7 +85,9 @@ def build_policy(flags: dict[str, Any]) -> RetentionPolicy:
     try:
         return RetentionPolicy(**flags)
     except ValidationError as exc:
-        lines = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        # "Value error, " is pydantic's prefix for a validator's ValueError; the flag name says more
+        lines = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in exc.errors()]
         raise UsageError("invalid retention policy:\n  " + "\n  ".join(lines)) from None
 
 
@@ -144,9 +156,11 @@ def result_to_json(result: RetentionResult) -> dict:
 
 def _print_table(result: RetentionResult) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    rows = [(k.snapshot, "keep", ", ".join(k.reasons)) for k in result.keep]
+    # escape: "has tags [a, b]" would otherwise be read as rich markup and vanish
+    rows = [(k.snapshot, "keep", escape(", ".join(k.reasons))) for k in result.keep]
     rows += [(s, "remove", "") for s in result.remove]
     rows.sort(key=lambda r: r[0].time, reverse=True)
     table = Table(title=f"keep {len(result.keep)}, remove {len(result.remove)}")

@@ -289,3 +289,14 @@ def redact_url(url: str | None) -> str | None:
         netloc = f"{userinfo}@{host}"
     query = _SECRET_QUERY.sub(r"\1***", parts.query)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def approx_timedelta(duration: str):
+    """A y/m/d/h duration as a timedelta (y = 365 d, m = 30 d): for grace periods, not retention."""
+    from datetime import timedelta
+
+    m = _DURATION.match(duration)
+    if not m or not duration:
+        raise ConfigError(f"not a duration: {duration!r} (use y/m/d/h like 2d12h)")
+    y, mo, d, h = (int(x or 0) for x in m.groups())
+    return timedelta(days=365 * y + 30 * mo + d, hours=h)

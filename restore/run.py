@@ -1,0 +1,192 @@
+"""Restoring a snapshot: plan, protect live data, write, verify.
+
+    result = restore_snapshot(repo, settings, "memory", "latest", mode="replace")
+
+1. Resolve the snapshot (`latest`, an id or prefix, or `at` a point in time).
+2. Ask the target for a plan. It refuses *before writing anything* when the target holds live
+   data and no mode says what to do, or when it cannot hold the snapshot (version gate).
+3. `replace` onto live data: take a pre-restore snapshot of exactly what will be overwritten
+   (tagged `pre-restore`), so the restore itself can be undone.
+4. Stream the records (chunk hashes checked on read) into the target.
+5. `swap`: the target restored beside the live data; verify the staged copy, then switch.
+6. Verify: the target read back must give the manifest's count and digest (or, for a partial
+   restore, those of the selected records); otherwise VerificationError with a diff report.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterator
+
+from backup.job import snapshot_source
+from restore.targets import open_target
+from restore.targets.base import ItemPlan, RestoreOptions
+from restore.verify import ItemCheck, diff_sorted, digest_of
+from snapshots.codec import RecordDigest
+from snapshots.errors import UsageError, VerificationError
+from snapshots.repository import Repository
+from snapshots.settings import Settings
+
+MODES = ("new", "replace", "swap")
+TTL_MODES = ("keep", "reset", "none")
+
+
+@dataclass
+class RestoreResult:
+    source: str
+    snapshot_id: str
+    cut_time: datetime
+    mode: str
+    dry_run: bool
+    plans: list[dict[str, Any]] = field(default_factory=list)
+    pre_restore_snapshot: str | None = None
+    checks: list[ItemCheck] = field(default_factory=list)
+    records_restored: int = 0
+    bytes_restored: int = 0
+    restore_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "snapshot_id": self.snapshot_id, "cut_time": self.cut_time.isoformat(),
+                "mode": self.mode, "dry_run": self.dry_run, "plan": self.plans,
+                "pre_restore_snapshot": self.pre_restore_snapshot, "verified": self.ok and not self.dry_run,
+                "checks": [c.to_dict() for c in self.checks], "records_restored": self.records_restored,
+                "bytes_restored": self.bytes_restored, "restore_seconds": round(self.restore_seconds, 3),
+                "verify_seconds": round(self.verify_seconds, 3)}
+
+
+class _Tee:
+    """The records of one plan, filtered, digested on the way into the target."""
+
+    def __init__(self, records: Iterator[bytes], plan: ItemPlan, canonical: Callable[[bytes], bytes]):
+        self._records, self._plan, self._canonical = records, plan, canonical
+        self.digest = RecordDigest()
+        self.bytes = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        keep = self._plan.record_filter
+        for r in self._records:
+            if keep is not None and not keep(r):
+                continue
+            self.digest.add(self._canonical(r))
+            self.bytes += len(r)
+            yield r
+
+
+def _check_options(mode: str, ttl: str, only: list[str], into: str | None) -> None:
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if ttl not in TTL_MODES:
+        raise UsageError(f"unknown --ttl {ttl!r}: use one of {', '.join(TTL_MODES)}")
+    if into is not None and len(only) > 1:
+        raise UsageError("--into renames one item: give exactly one --only")
+
+
+def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str = "latest", *,
+                     at: datetime | None = None, only: list[str] | tuple[str, ...] = (), to_url: str | None = None,
+                     to_path: str | None = None, into: str | None = None, mode: str = "new", ttl: str = "keep",
+                     dry_run: bool = False, progress: Callable[[str, int], None] | None = None) -> RestoreResult:
+    only = list(only)
+    _check_options(mode, ttl, only, into)
+    cfg = settings.source(source)
+    manifest = repo.resolve(ref, source=source, at=at)
+    result = RestoreResult(source=source, snapshot_id=manifest.id, cut_time=manifest.cut_time, mode=mode,
+                           dry_run=dry_run)
+    options = RestoreOptions(mode=mode, ttl=ttl)  # type: ignore[arg-type]
+
+    target = open_target(cfg, url=to_url, path=to_path)
+    try:
+        plans = target.plan(manifest, only=only, into=into, mode=mode)  # refuses before any write
+        result.plans = [p.to_dict() for p in plans]
+        if dry_run:
+            return result
+        with repo.lease(f"restore {source} {manifest.id}"):
+            if mode == "replace" and any(p.live_records for p in plans):
+                # the target may hold an exclusive handle (Qdrant local mode): release it while we read
+                target.close()
+                selector = sorted({s for p in plans if p.live_records for s in p.backup_selector})
+                pre, _ = snapshot_source(repo, source, cfg, tags=["pre-restore", f"restore-of-{manifest.id}"],
+                                         only=selector, url=to_url, path=to_path)
+                result.pre_restore_snapshot = pre.id
+                target = open_target(cfg, url=to_url, path=to_path)
+                plans = target.plan(manifest, only=only, into=into, mode=mode)
+            started = time.monotonic()
+            tees = []
+            for plan in plans:
+                canon = _canonical(target, plan)
+                tee = _Tee(repo.iter_records(plan.item), plan, canon)
+                target.restore(plan, iter(tee), options)
+                tees.append(tee)
+                result.records_restored += tee.digest.count
+                result.bytes_restored += tee.bytes
+                if progress is not None:
+                    progress(plan.item.name, tee.digest.count)
+            finish = getattr(target, "finish", None)
+            if finish is not None:
+                finish(plans, options)
+            result.restore_seconds = time.monotonic() - started
+            started = time.monotonic()
+            result.checks = [_verify(repo, target, plan, tee) for plan, tee in zip(plans, tees)]
+            result.verify_seconds = time.monotonic() - started
+            switch = getattr(target, "switch", None)
+            if mode == "swap" and result.ok and switch is not None:
+                switch(plans)
+    finally:
+        target.close()
+    if not result.ok:
+        bad = [c for c in result.checks if not c.ok]
+        names = ", ".join(f"{c.item} -> {c.target}" for c in bad)
+        raise VerificationError(
+            f"restore of {source} snapshot {manifest.id} did not verify: {names}",
+            report=result.to_dict(),
+            hint="The target differs from the snapshot; see the report. "
+                 + (f"Undo with: statevault restore {result.pre_restore_snapshot} --source {source} --mode replace"
+                    if result.pre_restore_snapshot else ""))
+    return result
+
+
+def _canonical(target, plan: ItemPlan) -> Callable[[bytes], bytes]:
+    item = plan.item
+    return lambda r: target.canonical(item, r)
+
+
+def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
+    item = plan.item
+    skips = getattr(target, "expected_skips", None)
+    skipped = skips(plan) if skips is not None else set()
+    if skipped:
+        exp_count, exp_digest = _expected_without(repo, target, plan, skipped)
+    elif plan.partial:
+        exp_count, exp_digest = tee.digest.count, tee.digest.hexdigest
+    else:
+        exp_count, exp_digest = item.records, item.digest
+        if (tee.digest.count, tee.digest.hexdigest) != (exp_count, exp_digest):
+            # chunk hashes matched but the records do not add up: the manifest itself is wrong
+            raise VerificationError(f"snapshot item {item.name} does not match its manifest "
+                                    f"({tee.digest.count} records read, {exp_count} recorded)")
+    canon = _canonical(target, plan)
+    count, digest = digest_of(target.read_back(plan), canon)
+    check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
+    if not check.ok:
+        keep = plan.record_filter
+
+        def expected() -> Iterator[bytes]:
+            for r in repo.iter_records(item):
+                if (keep is None or keep(r)) and target.record_key(item, r) not in skipped:
+                    yield r
+
+        check.diff = diff_sorted(expected(), target.read_back(plan), key=lambda r: target.record_key(item, r),
+                                 canonical=canon, classify=getattr(target, "classify", None))
+    return check
+
+
+def _expected_without(repo: Repository, target, plan: ItemPlan, skipped: set) -> tuple[int, str]:
+    item, keep = plan.item, plan.record_filter
+    records = (r for r in repo.iter_records(item)
+               if (keep is None or keep(r)) and (not skipped or target.record_key(item, r) not in skipped))
+    return digest_of(records, _canonical(target, plan))
