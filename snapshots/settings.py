@@ -169,6 +169,8 @@ class DaemonSettings(Frozen):
     metrics_host: str = "127.0.0.1"
     retry_attempts: int = Field(5, ge=1)
     retry_max_wait_seconds: float = Field(60.0, gt=0)
+    # how often a daemon re-reads the repository (snapshots, other daemons' last runs) for metrics
+    metrics_refresh_seconds: int = Field(300, ge=1)
 
     @field_validator("prune_schedule", "check_schedule", "drill_schedule")
     @classmethod

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable
 
 from snapshots import codec
-from snapshots.errors import Aborted, StatevaultError, StoreError
+from snapshots.errors import Aborted, NotFoundError, StatevaultError, StoreError
 from snapshots.manifest import ChunkRef, Item, Manifest, new_snapshot_id, utcnow
 
 if TYPE_CHECKING:
@@ -43,14 +43,14 @@ class WriteStats:
 
 
 class _Uploader:
-    def __init__(self, repo: "Repository", known: set[str], stats: WriteStats):
+    def __init__(self, repo: "Repository", known: dict[str, int], stats: WriteStats):
         self.repo = repo
-        self.known = known
+        self.known = known  # chunk id -> stored size, from the source's previous manifest
         self.stats = stats
         self.level = repo.compression_level
         self._pool = ThreadPoolExecutor(max_workers=repo.upload_concurrency, thread_name_prefix="upload")
         self._slots = threading.BoundedSemaphore(repo.upload_concurrency * 2)
-        self._claimed: set[str] = set()
+        self._claimed: dict[str, int] = {}  # chunk id -> stored size (0 while its upload is in flight)
         self._claim_lock = threading.Lock()
         self.error: BaseException | None = None
 
@@ -75,16 +75,23 @@ class _Uploader:
         cid = codec.chunk_id(data)
         with self._claim_lock:
             fresh = cid not in self.known and cid not in self._claimed
-            self._claimed.add(cid)
+            stored = self.known.get(cid) or self._claimed.get(cid, 0)
+            self._claimed.setdefault(cid, stored)
         key = codec.chunk_key(cid)
-        if fresh and self.repo.store.exists(key):
-            fresh = False
+        if fresh:
+            # stat, not exists: the same round trip also gives the stored size for the manifest
+            try:
+                stored = self.repo.retrying(lambda: self.repo.store.stat(key), f"stat chunk {cid[:12]}").size
+                fresh = False
+            except NotFoundError:
+                pass
         if fresh:
             blob = codec.compress(data, self.level)
             self.repo.retrying(lambda: self.repo.store.put(key, blob), f"upload chunk {cid[:12]}")
             stored = len(blob)
-        else:
-            stored = -1  # filled from an existing object only when needed; not worth a HEAD
+        if stored:
+            with self._claim_lock:
+                self._claimed[cid] = stored
         with self.stats._lock:
             self.stats.chunks += 1
             if fresh:
@@ -92,7 +99,7 @@ class _Uploader:
                 self.stats.bytes_uploaded += stored
             else:
                 self.stats.bytes_deduplicated += len(data)
-        return ChunkRef(id=cid, size=len(data), stored=max(stored, 0), records=records)
+        return ChunkRef(id=cid, size=len(data), stored=stored, records=records)
 
     def close(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
@@ -153,7 +160,8 @@ class ItemWriter:
 
 class SnapshotWriter:
     def __init__(self, repo: "Repository", source: str, kind: str, *, tags: Iterable[str] = (),
-                 backup_set: str | None = None, source_info: dict | None = None, known_chunks: set[str] | None = None):
+                 backup_set: str | None = None, source_info: dict | None = None,
+                 known_chunks: dict[str, int] | set[str] | None = None):
         self.repo = repo
         self.source, self.kind = source, kind
         self.tags = sorted(set(tags))
@@ -162,7 +170,9 @@ class SnapshotWriter:
         self.started_at = utcnow()
         self.id = new_snapshot_id(self.started_at)
         self.stats = WriteStats()
-        self._uploader = _Uploader(repo, set(known_chunks or ()), self.stats)
+        # known chunks are trusted to be stored (no round trip); a dict also gives their stored sizes
+        known = known_chunks if isinstance(known_chunks, dict) else dict.fromkeys(known_chunks or (), 0)
+        self._uploader = _Uploader(repo, dict(known), self.stats)
         self._items: list[Item] = []
         self._offline: list[Item] = []
         self._names: set[tuple[bool, str]] = set()

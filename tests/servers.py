@@ -18,15 +18,14 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from backup.local_servers import (  # noqa: F401 - re-exported for tests and bench scripts
+    REDIS_FLAVOURS,
     S3_DUMMY_CREDENTIALS,
     S3_REGION,
+    PostgresDatabases,
     PostgresServer,
     RedisServer,
     S3Server,
     ServerUnavailable,
-    create_database,
-    database_url,
-    drop_database,
     find_pg_bin_dir,
     find_redis_binary,
     free_port,
@@ -41,7 +40,7 @@ def unique_name(prefix: str, hint: str = "", max_len: int = 63) -> str:
     return f"{head[: max_len - len(tail) - 1]}_{tail}"
 
 
-class ExistingPostgres:
+class ExistingPostgres(PostgresDatabases):
     """A PostgreSQL we did not start (STATEVAULT_TEST_PG_URL): same interface, never stopped."""
 
     external = True
@@ -50,15 +49,6 @@ class ExistingPostgres:
         self.url = url
         parts = urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 5432
-
-    def database_url(self, name: str) -> str:
-        return database_url(self.url, name)
-
-    def create_database(self, name: str) -> str:
-        return create_database(self.url, name)
-
-    def drop_database(self, name: str) -> None:
-        drop_database(self.url, name)
 
     def stop(self) -> None:
         """Not ours to stop."""

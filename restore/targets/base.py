@@ -47,6 +47,14 @@ class ItemPlan:
 
 
 class Target(Protocol):
+    """Optional methods, called through getattr by the orchestrator when a target has them:
+
+        finish(plans, options) -> None   after every plan's restore, before verification:
+                                         cross-item work (PostgreSQL adds foreign keys here)
+        switch(plans) -> None            mode swap, after the staged items verified: the
+                                         atomic switch; without it, close() discards the staging
+    """
+
     kind: str
     supports_swap: bool
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from snapshots.errors import UsageError
 from snapshots.offline.layout import normalize_point_id
-from snapshots.offline.payload_paths import parse_path, values_at
+from snapshots.offline.payload_paths import parse_path, simple_key, value_getter, values_at
 
 Predicate = Callable[[Any, Any, int], bool]  # (point id, payload, row) -> matches
 VectorPresence = Callable[[str], "np.ndarray | None"]
@@ -70,8 +70,7 @@ def filter_mask(flt: Any, ids: Sequence[Any], payloads: Sequence[Any], *,
     pred = compile_filter(flt, vector_presence=vector_presence)
     if pred is _always:
         return np.ones(n, dtype=bool)
-    return np.fromiter((pred(pid, payload, row) for row, (pid, payload) in enumerate(zip(ids, payloads))),
-                       dtype=bool, count=n)
+    return np.fromiter(map(pred, ids, payloads, range(n)), dtype=bool, count=n)
 
 
 def _bad(where: str, message: str) -> UsageError:
@@ -131,6 +130,37 @@ def _haversine(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(a))
 
 
+def _plain_key_match(key: str, m: dict) -> Callable[[Any], bool] | None:
+    """`match.value` / `match.any` on one plain key, inlined: the hot path of tenant-style filters."""
+    plain = simple_key(key)
+    if plain is None or set(m) not in ({"value"}, {"any"}):
+        return None
+    if "value" in m:
+        wanted = m["value"]
+        kind = type(wanted)
+
+        def check_value(payload: Any) -> bool:
+            v = payload.get(plain) if type(payload) is dict else None
+            if type(v) is kind:
+                return v == wanted
+            return type(v) is list and any(type(x) is kind and x == wanted for x in v)
+
+        return check_value
+    strs = frozenset(x for x in m["any"] if type(x) is str)
+    ints = frozenset(x for x in m["any"] if type(x) is int)
+
+    def check_any(payload: Any) -> bool:
+        v = payload.get(plain) if type(payload) is dict else None
+        t = type(v)
+        if t is str:
+            return v in strs
+        if t is int:
+            return v in ints
+        return t is list and any((type(x) is str and x in strs) or (type(x) is int and x in ints) for x in v)
+
+    return check_any
+
+
 class _Compiler:
     def __init__(self, vector_presence: VectorPresence | None):
         self.vector_presence = vector_presence
@@ -157,6 +187,8 @@ class _Compiler:
             min_should = self.clause(ms["conditions"], f"{where}.min_should.conditions")
         if not (must or should or must_not or min_should):
             return _always
+        if len(must) == 1 and not (should or must_not or min_should):
+            return must[0]
 
         def pred(pid: Any, payload: Any, row: int) -> bool:
             for c in must:
@@ -245,11 +277,13 @@ class _Compiler:
             raise _bad(f"{where}.key", "expected a string")
         parse_path(key)
         checks: list[Callable[[Any], bool]] = []
+        getter = value_getter(key)
         for kind, compile_value in (("match", self.match), ("range", self.range),
                                     ("geo_radius", self.geo_radius), ("geo_bounding_box", self.geo_bbox)):
             if c.get(kind) is not None:
                 test = compile_value(c[kind], f"{where}.{kind}")
-                checks.append(lambda payload, test=test: any(test(v) for v in values_at(payload, key)))
+                fast = _plain_key_match(key, c[kind]) if kind == "match" else None
+                checks.append(fast or (lambda payload, test=test: any(map(test, getter(payload)))))
         if c.get("geo_polygon") is not None:
             raise UsageError(f"Bad request: {where}: geo_polygon conditions are not supported by the offline index")
         if c.get("values_count") is not None:

@@ -145,11 +145,11 @@ def _point_fields(point: Any) -> tuple[Any, Any, Any]:
 
 
 def _vector_for(vector: Any, name: str, names: list[str]) -> Any:
-    if isinstance(vector, Mapping):
-        return vector.get(name)
-    if vector is not None and name == "" and names == [""]:
+    if vector is None or isinstance(vector, Mapping):
+        return None if vector is None else vector.get(name)
+    if names == [""]:
         return vector
-    return None
+    raise UsageError(f"offline index: a point has one unnamed vector, but the collection has named vectors {names}")
 
 
 def _fsync_dir(path: Path) -> None:

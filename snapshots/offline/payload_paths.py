@@ -7,6 +7,7 @@ element matches.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -82,6 +83,27 @@ def values_at(payload: Any, key: str, *, flat: bool = True) -> list[Any]:
     return out
 
 
+def simple_key(key: str) -> str | None:
+    """The key itself when the path is one plain object key (the common, fast case), else None."""
+    steps = parse_path(key)
+    return steps[0] if len(steps) == 1 and isinstance(steps[0], str) else None
+
+
+def value_getter(key: str) -> Callable[[Any], Sequence[Any]]:
+    """`values_at(payload, key)` (flat) as a function, specialised for one plain key."""
+    plain = simple_key(key)
+    if plain is None:
+        return lambda payload: values_at(payload, key)
+
+    def get(payload: Any) -> Sequence[Any]:
+        if type(payload) is not dict or plain not in payload:
+            return ()
+        value = payload[plain]
+        return value if type(value) is list else (value,)
+
+    return get
+
+
 def _selector_tree(keys: list[str]) -> dict:
     tree: dict = {}
     for key in keys:
@@ -123,6 +145,8 @@ def compile_payload_selector(with_payload: Any):
 
     The function maps a stored payload to what the response carries (None = no payload).
     """
+    if hasattr(with_payload, "model_dump"):  # qdrant-client's PayloadSelectorInclude/Exclude
+        with_payload = with_payload.model_dump(exclude_none=True)
     if with_payload is None or with_payload is False:
         return lambda payload: None
     if with_payload is True:

@@ -7,6 +7,7 @@ atomically when the name exists.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,14 +88,20 @@ class LocalStore:
         return self._path(key).is_file()
 
     def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
         try:
-            st = self._path(key).stat()
+            st = path.stat()
         except FileNotFoundError:
             raise NotFoundError(f"{key}: not in repository {self.url}") from None
+        except OSError as exc:
+            raise translate_store_error(exc, f"stat {key}") from exc
+        if not stat.S_ISREG(st.st_mode):  # a directory level is not an object (as on S3)
+            raise NotFoundError(f"{key}: not in repository {self.url}")
         return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = self.root / prefix if prefix else self.root
+        # the same key rules as every other operation: a prefix never walks outside the root
+        base = self.root / check_key(prefix.rstrip("/")) if prefix else self.root
         if not base.exists():
             return
         for dirpath, _dirs, files in os.walk(base):

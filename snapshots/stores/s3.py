@@ -21,7 +21,11 @@ class S3Store:
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._endpoint_url = endpoint_url
         self._region = region
-        self._local = threading.local()  # boto3 clients are thread-safe, sessions are not: one each
+        # One client shared by every thread: botocore clients are thread-safe (sessions are not,
+        # so it is built once under a lock). A client per thread cost ~0.2-2 s per new thread
+        # pool (list_snapshots, read-ahead, check each start one), on every call.
+        self._client = None
+        self._client_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, *, endpoint_url: str | None = None, region: str | None = None) -> "S3Store":
@@ -30,18 +34,20 @@ class S3Store:
 
     @property
     def client(self):
-        client = getattr(self._local, "client", None)
+        client = self._client
         if client is None:
-            import boto3
-            from botocore.config import Config
+            with self._client_lock:
+                if self._client is None:
+                    import boto3
+                    from botocore.config import Config
 
-            session = boto3.session.Session()
-            client = session.client(
-                "s3", endpoint_url=self._endpoint_url, region_name=self._region,
-                config=Config(retries={"max_attempts": 5, "mode": "adaptive"},
-                              max_pool_connections=32, connect_timeout=10, read_timeout=120),
-            )
-            self._local.client = client
+                    session = boto3.session.Session()
+                    self._client = session.client(
+                        "s3", endpoint_url=self._endpoint_url, region_name=self._region,
+                        config=Config(retries={"max_attempts": 5, "mode": "adaptive"},
+                                      max_pool_connections=32, connect_timeout=10, read_timeout=120),
+                    )
+                client = self._client
         return client
 
     def _key(self, key: str) -> str:

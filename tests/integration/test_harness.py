@@ -31,7 +31,7 @@ def test_postgres_round_trip_in_a_per_test_database(pg_url):
 
 
 def test_postgres_server_is_ours_not_the_system_one(pg_server):
-    if getattr(pg_server, "external", False):
+    if pg_server.external:
         pytest.skip("STATEVAULT_TEST_PG_URL points at the operator's server; its port is theirs")
     assert pg_server.port not in SYSTEM_PORTS
     assert urlsplit(pg_server.url).hostname == "127.0.0.1"
@@ -62,7 +62,7 @@ def test_two_pg_url_databases_are_distinct(pg_server, pg_url):
 ])
 def test_redis_flavours_report_their_version(request, fixture, major):
     server = request.getfixturevalue(fixture)
-    if getattr(server, "external", False):
+    if server.external:
         pytest.skip("STATEVAULT_TEST_REDIS_URL points at the operator's server")
     assert server.version.startswith(major + "."), server.version
     assert server.port not in SYSTEM_PORTS

@@ -1,0 +1,151 @@
+"""PostgreSQL source: every selected table at one consistent point in time.
+
+    with PostgresSource(settings).open() as cut:        # one REPEATABLE READ READ ONLY transaction
+        for item in cut.items():                        # "schema.table", sorted
+            cut.backup_item(item, writer)               # COPY (SELECT ... ORDER BY key) TO STDOUT
+
+Selection: `settings.tables` and `settings.exclude` are fnmatch globs. A pattern with a dot
+matches "schema.table"; one without a dot matches the table name in any schema (so the
+default "*" is every user table). System schemas, temporary tables, tables that belong to
+an extension and statevault's own staging schemas are never selected; partitioned parents
+are not items, their partitions are (each restores as a standalone table). `open(only=...)`
+names tables exactly ("schema.table", or "table" for public.table) and overrides the
+config's selection: a pre-restore snapshot must cover what a restore replaces even when that
+table is outside the configured patterns. An `only` name that is not a table is a NotFoundError.
+
+The cut: the first statement of the transaction takes the snapshot; `cut_time` is that
+statement's `statement_timestamp()` (UTC), taken a hair before the snapshot: every row
+committed before `cut_time` is in the snapshot, nothing committed after the snapshot is. Every selected table is then
+locked ACCESS SHARE (as pg_dump does) so a concurrent DROP or ALTER waits for the backup
+instead of breaking it; the lock wait is bounded by lock_timeout (a retryable error).
+Sequences are not transactional: their values are read when the table is described, at or
+after the cut, which is what a restore needs (new ids never collide with restored rows).
+
+Record format "pg-copy-text" (item kind "table"): each record is one row exactly as
+PostgreSQL's `COPY ... TO STDOUT` text format prints it under the session settings of
+backup.sources.postgres_schema (UTF-8, ISO dates, UTC, hex bytea): the item's
+schema["copy_columns"] in that order, separated by a tab, NULL as `\\N`, backslash, tab,
+newline, carriage return and other control characters backslash-escaped, terminated by
+"\\n". Stored generated columns are not in the records (they are recomputed on restore).
+Rows come in the order of schema["order_by"] (the primary key, or every column when the
+table has none), in byte order (see postgres_schema), so an unchanged table produces the
+same bytes and the same chunks on every backup. A chunk is therefore a valid COPY input:
+`zstd -dc chunk... | psql -c "COPY t (cols) FROM STDIN"` restores a table without statevault.
+
+The item schema (JSON, schema_version 1) holds the table's columns (name, format_type,
+not null, default expression, identity, generation expression, collation), primary key,
+unique/check/exclusion constraints, foreign keys, other indexes (their `USING ...` part),
+the sequences the table owns or whose nextval its defaults call (options, last_value,
+is_called), the enum types it uses (labels in order) and the extensions providing its types.
+"""
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+from datetime import timezone
+from typing import Any, Iterator
+
+from backup.sources.base import ItemSpec
+from backup.sources.postgres_schema import (FORMAT, connect, copy_out_sql, describe_table, list_tables, pg_errors,
+                                            resolve_table_name)
+from snapshots.errors import NotFoundError
+from snapshots.settings import PostgresSource as PostgresSettings
+from snapshots.settings import redact_url
+from snapshots.writer import SnapshotWriter
+
+
+def _matches(pattern: str, schema: str, table: str) -> bool:
+    if "." in pattern:
+        return fnmatch.fnmatchcase(f"{schema}.{table}", pattern)
+    return fnmatch.fnmatchcase(table, pattern)
+
+
+def select_tables(tables: list[tuple[int, str, str]], patterns: list[str], exclude: list[str],
+                  only: list[str] | None) -> list[tuple[int, str, str]]:
+    """Apply the config's globs, or `only`'s exact names (see module docstring)."""
+    if only:
+        wanted = {resolve_table_name(n) for n in only}
+        chosen = [t for t in tables if (t[1], t[2]) in wanted]
+        missing = wanted - {(t[1], t[2]) for t in chosen}
+        if missing:
+            names = ", ".join(f"{s}.{t}" for s, t in sorted(missing))
+            known = ", ".join(f"{s}.{t}" for _, s, t in tables[:20]) + (" ..." if len(tables) > 20 else "")
+            raise NotFoundError(f"no table {names} in the database (tables: {known or 'none'})")
+        return chosen
+    return [t for t in tables
+            if any(_matches(p, t[1], t[2]) for p in patterns) and not any(_matches(p, t[1], t[2]) for p in exclude)]
+
+
+class PostgresCut:
+    """One open REPEATABLE READ READ ONLY transaction; see the module docstring."""
+
+    def __init__(self, conn, url: str, tables: list[tuple[int, str, str]], cut_time, source_info: dict[str, Any]):
+        self._conn, self._url = conn, url
+        self.cut_time = cut_time
+        self.source_info = source_info
+        self._items: list[ItemSpec] = []
+        self._bytewise: dict[str, set[str]] = {}
+        with pg_errors("read table definitions", url):
+            for oid, schema, name in tables:
+                spec, bytewise = describe_table(conn, oid, schema, name)
+                item = ItemSpec(name=f"{schema}.{name}", kind="table", format=FORMAT, schema=spec)
+                self._items.append(item)
+                self._bytewise[item.name] = bytewise
+
+    def items(self) -> list[ItemSpec]:
+        return list(self._items)
+
+    def records(self, item: ItemSpec) -> Iterator[bytes]:
+        """The table's rows as COPY text lines, in key order, streamed (one row in memory)."""
+        table = item.schema["table"]
+        stmt = copy_out_sql(item.schema, table["schema"], table["name"], self._bytewise[item.name])
+        with pg_errors(f"read {item.name}", self._url):
+            with self._conn.cursor() as cur, cur.copy(stmt) as copy:
+                for row in copy:  # one CopyData message per row: exactly one record
+                    yield bytes(row)
+
+    def backup_item(self, item: ItemSpec, writer: SnapshotWriter) -> None:
+        # the generator-free loop: this is the per-row hot path of every backup
+        table = item.schema["table"]
+        stmt = copy_out_sql(item.schema, table["schema"], table["name"], self._bytewise[item.name])
+        with writer.item(item.name, item.kind, item.format, item.schema) as w:
+            add = w.add
+            with pg_errors(f"read {item.name}", self._url):
+                with self._conn.cursor() as cur, cur.copy(stmt) as copy:
+                    for row in copy:
+                        add(bytes(row))
+
+
+class PostgresSource:
+    kind = "postgres"
+
+    def __init__(self, settings: PostgresSettings):
+        self.settings = settings
+
+    @contextmanager
+    def open(self, only: list[str] | None = None) -> Iterator[PostgresCut]:
+        """Open the consistent cut; raises SourceError (retryable when transient) if the server
+        cannot be reached, NotFoundError for an `only` name that is not a table."""
+        from psycopg import IsolationLevel, sql
+
+        url = self.settings.url
+        conn = connect(url, "statevault backup")
+        try:
+            conn.isolation_level = IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            # pg_errors also covers the transaction's own exit (a ROLLBACK on a lost connection)
+            with pg_errors(f"backup of {redact_url(url)}", url), conn.transaction(force_rollback=True):
+                # the first statement takes the snapshot
+                cut_time, version, version_num, database, snapshot = conn.execute(
+                    "SELECT pg_catalog.statement_timestamp(), pg_catalog.current_setting('server_version'), "
+                    "pg_catalog.current_setting('server_version_num')::int, pg_catalog.current_database(), "
+                    "pg_catalog.txid_current_snapshot()::text").fetchone()
+                tables = select_tables(list_tables(conn), self.settings.tables, self.settings.exclude, only)
+                if tables:
+                    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                        sql.SQL(", ").join(sql.Identifier(s, t) for _, s, t in tables)))
+                info = {"server_version": version, "server_version_num": version_num, "database": database,
+                        "snapshot": snapshot}
+                yield PostgresCut(conn, url, tables, cut_time.astimezone(timezone.utc), info)
+        finally:
+            conn.close()

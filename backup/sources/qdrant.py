@@ -1,0 +1,388 @@
+"""Qdrant source: every point of each collection, scrolled page by page, as JSON lines.
+
+Items: one per collection (`collections` in the config, default all), kind "collection", format
+"qdrant-points-jsonl-v1", schema = the collection config (backup/sources/qdrant_config.py). With
+`offline_index` on, the same scroll also feeds the offline vector index (backup/offline_build.py).
+
+Record format "qdrant-points-jsonl-v1": one JSON object per point, newline-terminated, UTF-8,
+object keys sorted at every level (so the top level is id, payload, vector):
+
+    {"id":42,"payload":{"lang":"en","tags":["a","b"]},"vector":{"image":[0.5,0.25],"text":[0.6,0.8]}}
+
+- id: an unsigned integer, or a UUID as lowercase hyphenated text.
+- payload: the point's payload (an object, {} when it has none).
+- vector: a list of numbers for a collection with one unnamed vector; otherwise an object
+  {name: value} holding the vectors the point has, where a dense vector is a list of numbers, a
+  multivector a list of such lists, and a sparse vector {"indices": [...], "values": [...]}.
+  {} for a point without vectors.
+- Every vector number is a float32 written as the shortest decimal that reads back as the same
+  float32 (orjson's float32 output: 0.1, not 0.10000000149011612). Integers ids and payloads are
+  as Qdrant returns them.
+
+Order: point id order, as plain scroll returns it: integer ids ascending, then UUIDs ascending
+(byte order = text order). The Qdrant docs state scroll results are sorted by id; qdrant-client's
+local mode sorts the same way (tests check it). The order only matters for dedup; the digest is
+order-independent.
+
+Digest: over the records as written. Restoring a record and reading it back reproduces the same
+bytes: a Qdrant server stores a Cosine vector whose squared length is within 1e-6 of 1 as given
+(lib/segment spaces `is_length_zero_or_normalized`), and every stored Cosine vector is such. The
+exception is qdrant-client's local mode, which re-normalises every Cosine vector on every upsert
+and load (`v / np.linalg.norm(v)` in float32), changing the last bit of ~30% of already-unit
+vectors. So records read from a *local-mode* Qdrant carry each Cosine vector in its canonical
+local form: the fixed point of that normalisation (or the smallest member, by bytes, of the
+2-cycle it falls into). A local-mode store then round-trips bit for bit, and so does a snapshot
+of it restored onto a server. A server snapshot restored into local mode does not (the local
+re-normalisation changes low bits); restore/targets/qdrant.py says so in its plan notes.
+
+Consistency: Qdrant has no read snapshot. cut_time is taken before the first scroll; points
+written while the backup runs may or may not be in it (each point is either whole or absent,
+and no id appears twice because scroll pages by id). Pause writers for a strict cut.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import orjson
+
+from backup.sources.base import ItemSpec
+from backup.sources.qdrant_config import VectorLayout, collection_schema, vector_layout
+from snapshots.errors import NotFoundError, SourceError, StatevaultError
+from snapshots.manifest import utcnow
+from snapshots.settings import redact_url
+
+FORMAT = "qdrant-points-jsonl-v1"
+ITEM_KIND = "collection"
+PAGE_SIZE = 512
+STAGING_MARK = "__sv_"  # restore/targets/qdrant.py names its staging collections <name>__sv_<stamp>
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_SORT_KEYS
+_LOCAL_EPSILON = 1.1920929e-7  # qdrant_client.local.local_collection.EPSILON
+
+
+# ---- clients -----------------------------------------------------------------------------
+
+class QdrantHandle:
+    """A client plus how to let go of it. Local mode allows one client per path and process
+    (it takes a file lock), so handles on the same path share one client, closed with the last."""
+
+    def __init__(self, client: Any, local: bool, key: str | None):
+        self.client, self.local, self._key = client, local, key
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._key is None:
+            self.client.close()
+            return
+        with _LOCAL_LOCK:
+            entry = _LOCAL_CLIENTS.get(self._key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _LOCAL_CLIENTS[self._key]
+                entry[0].close()
+
+
+_LOCAL_CLIENTS: dict[str, list] = {}  # realpath -> [client, handles open]
+_LOCAL_LOCK = threading.Lock()
+
+
+def connect_qdrant(url: str | None = None, path: str | None = None, api_key: str | None = None,
+                   timeout: int = 60) -> QdrantHandle:
+    """Open a client on a server (`url`) or a local-mode directory (`path`). Connecting is lazy
+    for servers: the first call reports an unreachable one (as a retryable SourceError)."""
+    from qdrant_client import QdrantClient
+
+    if bool(url) == bool(path):
+        raise SourceError("a Qdrant target needs exactly one of url or path")
+    if url:
+        with qdrant_call(f"connect to {redact_url(url)}"):
+            client = QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+        return QdrantHandle(client, False, None)
+    key = os.path.realpath(str(path))
+    with _LOCAL_LOCK:
+        entry = _LOCAL_CLIENTS.get(key)
+        if entry is None:
+            with qdrant_call(f"open local Qdrant at {path}"):
+                entry = _LOCAL_CLIENTS[key] = [QdrantClient(path=str(path)), 0]
+        entry[1] += 1
+        return QdrantHandle(entry[0], True, key)
+
+
+def translate_qdrant_error(exc: BaseException, what: str) -> StatevaultError:
+    """Map qdrant-client / httpx exceptions to ours; an unknown one is a non-retryable SourceError."""
+    if isinstance(exc, StatevaultError):
+        return exc
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        status = exc.status_code or 0
+        try:
+            detail = exc.structured().get("status", {}).get("error") or exc.reason_phrase
+        except Exception:  # noqa: BLE001 - a non-JSON body: fall back to the reason phrase
+            detail = exc.reason_phrase
+        if status in (401, 403):
+            return SourceError(f"{what}: access denied by Qdrant ({status})",
+                               hint="Check api_key in the source config (or STATEVAULT_SOURCES__NAME__API_KEY).")
+        if status == 404:
+            return NotFoundError(f"{what}: {detail}")
+        if status == 429 or status >= 500:
+            return SourceError(f"{what}: Qdrant answered {status} ({detail})", retryable=True)
+        return SourceError(f"{what}: Qdrant refused the request ({status}): {detail}")
+    if isinstance(exc, ResponseHandlingException):
+        cause = getattr(exc, "source", None)
+        return SourceError(f"{what}: cannot reach Qdrant ({type(cause).__name__}: {cause})", retryable=True)
+    try:
+        import httpx
+
+        if isinstance(exc, httpx.TransportError):
+            return SourceError(f"{what}: cannot reach Qdrant ({type(exc).__name__})", retryable=True)
+    except ImportError:  # pragma: no cover - httpx comes with qdrant-client
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return SourceError(f"{what}: cannot reach Qdrant ({type(exc).__name__})", retryable=True)
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and "already accessed by another instance" in text:
+        return SourceError(f"{what}: the local-mode storage is open in another process", retryable=True,
+                           hint="qdrant-client local mode allows one process per directory; wait for the "
+                                "other one or use a Qdrant server.")
+    if isinstance(exc, ValueError) and "not found" in text:
+        return NotFoundError(f"{what}: {text}")
+    return SourceError(f"{what}: unexpected {type(exc).__name__}: {text}")
+
+
+@contextmanager
+def qdrant_call(what: str) -> Iterator[None]:
+    try:
+        yield
+    except StatevaultError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+        raise translate_qdrant_error(exc, what) from exc
+
+
+# ---- records -----------------------------------------------------------------------------
+
+def _local_normalize(v: np.ndarray) -> np.ndarray:
+    """qdrant-client local mode's Cosine preprocessing of a dense vector, verbatim."""
+    norm = np.linalg.norm(v)
+    return v / norm if norm > _LOCAL_EPSILON else v
+
+
+def _local_normalize_multi(m: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(m, axis=-1)[:, np.newaxis]
+    return m / np.where(norm != 0.0, norm, _LOCAL_EPSILON)
+
+
+def local_canonical(v: np.ndarray, normalize=_local_normalize, limit: int = 200) -> np.ndarray:
+    """The fixed point of local mode's normalisation reached from `v` (or the smallest cycle
+    member by bytes). Equal for v and normalize(v), so a local round trip reads back the same."""
+    seen = {v.tobytes(): 0}
+    cur = v
+    for step in range(1, limit):
+        nxt = normalize(cur)
+        key = nxt.tobytes()
+        if key in seen:
+            if np.array_equal(nxt, cur):
+                return cur
+            first = seen[key]
+            cycle = min(k for k, i in seen.items() if i >= first)
+            return np.frombuffer(cycle, dtype=np.float32).reshape(v.shape).copy()
+        seen[key] = step
+        cur = nxt
+    return cur
+
+
+@dataclass
+class EncodedPage:
+    lines: list[bytes]                      # collection records
+    point_lines: list[bytes]                # offline {"id","payload"} lines (empty unless asked)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n, size) float32; NaN rows = absent
+
+
+class PointEncoder:
+    """Turns scroll pages into records; dense vectors go through one float32 matrix per page."""
+
+    def __init__(self, layout: VectorLayout, local: bool):
+        self.layout, self.local = layout, local
+        self._cosine_multi = {n for n, (_, d) in layout.multi.items() if d == "Cosine"}
+
+    def _matrix(self, rows: list, size: int, name: str, cosine: bool) -> tuple[np.ndarray, list[bool]]:
+        present = [r is not None for r in rows]
+        n = len(rows)
+        try:
+            if all(present):
+                mat = np.array(rows, dtype=np.float32).reshape(n, size)
+            else:
+                mat = np.full((n, size), np.nan, dtype=np.float32)
+                idx = [i for i, p in enumerate(present) if p]
+                if idx:
+                    mat[idx] = np.array([rows[i] for i in idx], dtype=np.float32).reshape(len(idx), size)
+        except ValueError:
+            raise SourceError(f"vector {name!r}: a point's vector does not have the configured size {size}") from None
+        if cosine and self.local:
+            for i, p in enumerate(present):
+                if p:
+                    mat[i] = local_canonical(mat[i])
+        return mat, present
+
+    def encode(self, points: list, with_points: bool = False) -> EncodedPage:
+        lay = self.layout
+        dense: dict[str, np.ndarray] = {}
+        present: dict[str, list[bool]] = {}
+        for name, (size, dist) in lay.dense.items():
+            if lay.unnamed:
+                rows = [p.vector if not isinstance(p.vector, dict) else p.vector.get("") for p in points]
+            else:
+                rows = [(p.vector or {}).get(name) for p in points]
+            dense[name], present[name] = self._matrix(rows, size, name, dist == "Cosine")
+        lines, point_lines = [], []
+        for i, p in enumerate(points):
+            if lay.unnamed:
+                vec: Any = dense[""][i] if present[""][i] else {}
+            else:
+                vec = {name: dense[name][i] for name in dense if present[name][i]}
+                if p.vector:
+                    self._add_other(vec, p.vector)
+            head = b'{"id":' + orjson.dumps(p.id) + b',"payload":' + orjson.dumps(p.payload or {}, option=_NUMPY)
+            lines.append(head + b',"vector":' + orjson.dumps(vec, option=_NUMPY) + b"}\n")
+            if with_points:
+                point_lines.append(head + b"}\n")
+        return EncodedPage(lines, point_lines, dense)
+
+    def _add_other(self, vec: dict, raw: dict) -> None:
+        for name in self.layout.sparse:
+            sv = raw.get(name)
+            if sv is not None:
+                vec[name] = {"indices": list(sv.indices), "values": np.asarray(sv.values, dtype=np.float32)}
+        for name in self.layout.multi:
+            mv = raw.get(name)
+            if mv is not None:
+                m = np.asarray(mv, dtype=np.float32)
+                if self.local and name in self._cosine_multi:
+                    m = local_canonical(m, _local_normalize_multi)
+                vec[name] = m
+
+
+def iter_pages(client: Any, name: str, page_size: int = PAGE_SIZE) -> Iterator[list]:
+    """Scroll pages of a collection (or alias), in point id order, vectors and payloads included."""
+    offset = None
+    while True:
+        with qdrant_call(f"scroll collection {name!r}"):
+            points, offset = client.scroll(name, limit=page_size, offset=offset, with_payload=True,
+                                           with_vectors=True)
+        if points:
+            yield points
+        if offset is None:
+            return
+
+
+def iter_collection_records(client: Any, name: str, schema: dict, local: bool,
+                            page_size: int = PAGE_SIZE) -> Iterator[bytes]:
+    """The collection's records (format above), page by page."""
+    encoder = PointEncoder(vector_layout(schema), local)
+    for page in iter_pages(client, name, page_size):
+        yield from encoder.encode(page).lines
+
+
+def list_collection_names(client: Any) -> list[str]:
+    """Every collection by its live name: a collection statevault swapped in is reached through
+    an alias (`kb` -> `kb__sv_...`), so that alias is the name; left-over staging collections
+    no alias points at are not listed."""
+    with qdrant_call("list collections"):
+        physical = [c.name for c in client.get_collections().collections]
+        aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+    names = {p for p in physical if STAGING_MARK not in p}
+    names |= {alias for alias, target in aliases.items() if STAGING_MARK in target}
+    return sorted(names)
+
+
+# ---- the source --------------------------------------------------------------------------
+
+class QdrantCut:
+    def __init__(self, source: "QdrantSource", handle: QdrantHandle, names: list[str], source_info: dict):
+        self._source, self._handle, self._names = source, handle, names
+        self.cut_time = utcnow()
+        self.source_info = source_info
+
+    def items(self) -> list[ItemSpec]:
+        specs = []
+        for name in self._names:
+            with qdrant_call(f"read config of collection {name!r}"):
+                info = self._handle.client.get_collection(name)
+            specs.append(ItemSpec(name, ITEM_KIND, FORMAT, collection_schema(info, local=self._handle.local)))
+        return specs
+
+    def records(self, item: ItemSpec) -> Iterator[bytes]:
+        return iter_collection_records(self._handle.client, item.name, item.schema, self._handle.local)
+
+    def backup_item(self, item: ItemSpec, writer) -> None:
+        """Write the collection and, with offline_index on, its offline index from the same pages."""
+        from backup.offline_build import OfflineIndexBuilder
+
+        encoder = PointEncoder(vector_layout(item.schema), self._handle.local)
+        builder = OfflineIndexBuilder(writer, item.name, item.schema) if self._source.settings.offline_index else None
+        with writer.item(item.name, item.kind, item.format, item.schema) as w:
+            for page in iter_pages(self._handle.client, item.name):
+                encoded = encoder.encode(page, with_points=builder is not None)
+                for line in encoded.lines:
+                    w.add(line)
+                if builder is not None:
+                    builder.add_page(encoded)
+        if builder is not None:
+            builder.close()
+
+
+class QdrantSource:
+    kind = "qdrant"
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    @contextmanager
+    def open(self, only: list[str] | None = None) -> Iterator[QdrantCut]:
+        s = self.settings
+        handle = connect_qdrant(s.url, s.path, s.api_key)
+        try:
+            client = handle.client
+            if handle.local:
+                import importlib.metadata
+
+                info = {"mode": "local", "path": str(s.path),
+                        "qdrant_client": importlib.metadata.version("qdrant-client")}
+            else:
+                with qdrant_call(f"reach Qdrant at {redact_url(s.url)}"):
+                    version = client.info().version
+                info = {"mode": "server", "url": redact_url(s.url), "server_version": version}
+            names = self._select(client, only)
+            yield QdrantCut(self, handle, names, info)
+        finally:
+            handle.close()
+
+    def _select(self, client: Any, only: list[str] | None) -> list[str]:
+        configured = list(dict.fromkeys(self.settings.collections))
+        if configured:
+            for name in configured:
+                try:
+                    with qdrant_call(f"find collection {name!r}"):
+                        client.get_collection(name)  # resolves aliases too
+                except NotFoundError:
+                    raise NotFoundError(f"collection {name!r} (in the source config) does not exist") from None
+            names = configured
+        else:
+            names = list_collection_names(client)
+        if only:
+            unknown = [o for o in only if o not in names]
+            if unknown:
+                raise NotFoundError(f"no collection {', '.join(map(repr, unknown))} in this source "
+                                    f"(collections: {', '.join(names) or 'none'})")
+            names = [n for n in names if n in set(only)]
+        return names

@@ -1,0 +1,201 @@
+"""The `redis-jsonl-v1` record format: one Redis key per JSON line, portable across versions.
+
+Records are NOT `DUMP` payloads: those carry an RDB version and do not restore into older
+servers (a Redis 7 dump is refused by 6.2). Instead every key is written out as plain data
+that plain commands (SET, RPUSH, HSET, SADD, ZADD, XADD) recreate on Redis >= 6.2 and Valkey.
+
+A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exactly this order:
+
+    {"k": KEY, "t": TYPE, ["p": PART,] "v": VALUE, "x": EXPIRY}
+
+- KEY and every element below are *binary-safe strings*: a JSON string when the bytes are
+  valid UTF-8, else an object {"b64": "<standard base64 with padding>"}.
+- TYPE is one of "string", "list", "hash", "set", "zset", "stream".
+- EXPIRY is the key's absolute expiry as unix time in milliseconds (an integer), or null for a
+  key without a TTL. It is always the LAST field, and the remaining TTL at backup time is NOT
+  stored (it changes with every backup and would defeat dedup); `--ttl reset` derives it as
+  EXPIRY minus the snapshot's cut time.
+- VALUE by type:
+    string  the value (a binary-safe string)
+    list    the elements, in list order
+    hash    [[field, value], ...] sorted by the field's raw bytes
+    set     [member, ...] sorted by raw bytes
+    zset    [[member, score], ...] in Redis order (score, then member bytes); score is a JSON
+            string: Python's repr of the double ("0.1", "1e+300", "inf", "-inf"), so it is exact
+            and the same whatever text format the server used
+    stream  {"entries": [[id, [field, value, field, value, ...]], ...] in id order,
+             "last_id": the stream's last-generated-id,
+             "groups": [[name, last-delivered-id], ...] sorted by name}
+            Consumer groups keep only their name and position: consumers, pending entry lists,
+            entries-read/lag and the 7.0 counters (entries-added, max-deleted-entry-id) are not
+            stored (re-creating a PEL needs XCLAIM games and is not portable).
+- Large collections are split so no record holds more than PART_SIZE elements (list
+  elements, hash pairs, set members, zset pairs, stream entries): a key with more than
+  PART_SIZE elements becomes consecutive records with "p": 0, 1, 2, ... holding elements
+  [p*PART_SIZE, (p+1)*PART_SIZE) of the order above; every part repeats "k", "t" and "x"; a
+  stream's "last_id" and "groups" are only in part 0. A key that fits has no "p".
+- Within an item, records are sorted by the key's raw bytes, then by part.
+
+Not kept: per-field hash TTLs (Redis 7.4+/Valkey 9 HEXPIRE), module types (skipped and counted
+by the source), the key's LRU/LFU data and encoding.
+
+The digest covers the *canonical* record: the record without its `,"x":...` field (a TTL read
+back from a server cannot be compared exactly). `canonical()` cuts it off without parsing.
+
+Example (a string with a TTL, a binary list, a zset):
+
+    {"k":"history:u42","t":"string","v":"hello","x":1795696330104}
+    {"k":{"b64":"/w=="},"t":"list","v":["a",{"b64":"gA=="}],"x":null}
+    {"k":"rank","t":"zset","v":[["o","-inf"],["m","0.1"],["n","inf"]],"x":null}
+"""
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+FORMAT = "redis-jsonl-v1"
+TYPES = ("string", "list", "hash", "set", "zset", "stream")
+PART_SIZE = 10_000
+
+_X = b',"x":'
+_K_STR = b'{"k":"'
+_K_B64 = b'{"k":{"b64":"'
+_K_END = b'","t":"'
+
+
+def enc(data: bytes) -> str | dict[str, str]:
+    """A binary-safe string: the text when `data` is UTF-8, else {"b64": ...}."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def dec(value: str | dict[str, str]) -> str | bytes:
+    """The inverse of `enc`, in a form redis-py sends as the original bytes (str as UTF-8)."""
+    if value.__class__ is str:
+        return value
+    return base64.b64decode(value["b64"])
+
+
+def dec_bytes(value: str | dict[str, str]) -> bytes:
+    if value.__class__ is str:
+        return value.encode()
+    return base64.b64decode(value["b64"])
+
+
+def encode_record(key: bytes, kind: str, value: Any, expiry_ms: int | None,
+                  part: int | None = None) -> tuple[bytes, bytes]:
+    """(record, canonical) for one key or one part of a split key."""
+    if part is None:
+        body = orjson.dumps({"k": enc(key), "t": kind, "v": value})
+    else:
+        body = orjson.dumps({"k": enc(key), "t": kind, "p": part, "v": value})
+    tail = b',"x":null}\n' if expiry_ms is None else b',"x":%d}\n' % expiry_ms
+    return body[:-1] + tail, body + b"\n"
+
+
+def canonical(record: bytes) -> bytes:
+    """The record without its expiry. "x" is the last field and its value is a number or
+    null, so the last `,"x":` in the line is the top-level one (a nested object key "x" would
+    come before it)."""
+    i = record.rfind(_X)
+    if i < 0:
+        return record
+    return record[:i] + b"}\n"
+
+
+def record_expiry(record: bytes) -> int | None:
+    """The record's "x" without parsing the value."""
+    i = record.rfind(_X)
+    if i < 0:
+        return None
+    raw = record[i + len(_X):].rstrip(b"}\n \r")
+    return None if raw == b"null" else int(raw)
+
+
+def record_key(record: bytes) -> bytes:
+    """The record's key as raw bytes, decoding only the key.
+
+    In orjson's output a quote inside a string is always escaped, so the first `","t":"`
+    after the opening `{"k":"` is where the key string ends.
+    """
+    if record.startswith(_K_STR):
+        end = record.find(_K_END, len(_K_STR))
+        if end > 0:
+            raw = record[len(_K_STR):end]
+            if b"\\" not in raw:
+                return raw
+            return orjson.loads(record[len(_K_STR) - 1:end + 1]).encode()
+    elif record.startswith(_K_B64):
+        end = record.find(b'"}', len(_K_B64))
+        if end > 0:
+            return base64.b64decode(record[len(_K_B64):end])
+    return dec_bytes(orjson.loads(record)["k"])
+
+
+def record_head(record: bytes) -> tuple[bytes, str, int | None, int | None]:
+    """(key, type, part or None, expiry) without parsing the value. The first `"t":"` is the
+    top-level one: its middle quote follows a `t`, so it is not inside a string."""
+    i = record.find(b'"t":"') + 5
+    j = record.find(b'"', i)
+    part = None
+    if record.startswith(b',"p":', j + 1):
+        k = record.find(b",", j + 6)
+        part = int(record[j + 6:k])
+    return record_key(record), record[i:j].decode(), part, record_expiry(record)
+
+
+def display_key(key: bytes) -> str:
+    """A key for reports and `record_key`: the text when UTF-8, else "b64:<base64>"."""
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return "b64:" + base64.b64encode(key).decode("ascii")
+
+
+def decode_record(record: bytes) -> dict[str, Any]:
+    return orjson.loads(record)
+
+
+# ---- values: raw RESP2 replies (bytes) to the JSON values above --------------------------
+
+def list_value(items: list[bytes]) -> list:
+    return [enc(e) for e in items]
+
+
+def sorted_pairs_value(pairs: dict[bytes, bytes]) -> list:
+    return [[enc(f), enc(v)] for f, v in sorted(pairs.items())]
+
+
+def set_value(members) -> list:
+    return [enc(m) for m in sorted(members)]
+
+
+def zset_value(flat: list[bytes]) -> list:
+    """ZRANGE ... WITHSCORES (member, score, member, score, ...) to [[member, score], ...].
+
+    The score goes through float() and repr(): exact, and independent of whether the server
+    printed "0.10000000000000001" (%.17g, Redis <= 7.0) or "0.1" (shortest, later servers).
+    """
+    return [[enc(flat[i]), repr(float(flat[i + 1]))] for i in range(0, len(flat), 2)]
+
+
+def stream_entries(entries: list) -> list:
+    return [[eid.decode("ascii"), [enc(f) for f in fields]] for eid, fields in entries]
+
+
+def flat_to_dict(flat: list) -> dict:
+    """XINFO-style [name, value, name, value, ...] to a dict with str names."""
+    return {flat[i].decode() if isinstance(flat[i], bytes) else flat[i]: flat[i + 1]
+            for i in range(0, len(flat) - 1, 2)}
+
+
+def stream_groups(raw_groups: list) -> list:
+    groups = []
+    for g in raw_groups:
+        d = flat_to_dict(g)
+        groups.append((d["name"], d["last-delivered-id"]))
+    return [[enc(name), last.decode("ascii")] for name, last in sorted(groups)]

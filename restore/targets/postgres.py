@@ -1,0 +1,392 @@
+"""PostgreSQL target: tables back from "pg-copy-text" items (see backup.sources.postgres).
+
+Plan (no writes): `only` names items ("schema.table", or "table" for public.table; unknown ->
+NotFoundError listing the items); `into` restores one item as "schema.table" (or "table" in
+the item's schema). Per item and mode:
+
+    target table   mode new                       mode replace                 mode swap
+    missing        create                         create                       create
+    empty          load into it (same columns)    replace (truncate+load)      swap
+    holds rows     TargetNotEmptyError            replace: truncate+load, or   swap
+                                                  recreate if columns differ
+
+A table that exists with other columns or types than the snapshot's is an
+IncompatibleTargetError in mode new (the version gate), before anything is written; so is a
+missing type or extension, a relation that is not a table, and a recreate or swap of a table
+that views depend on (they would be dropped with it). replace and swap plans carry
+`backup_selector = [target]` for the pre-restore snapshot.
+
+Restore, one transaction per item on one connection (a failure rolls back to what was there):
+- create: enum types, extensions and sequences, CREATE TABLE, COPY FROM STDIN in batches,
+  then constraints and indexes (faster after the load), OWNED BY, setval.
+- load / truncate: LOCK the live table, detach the foreign keys touching it, (TRUNCATE),
+  COPY, set its sequences, re-attach the keys NOT VALID. Privileges, triggers and views stay;
+  the table's triggers fire for the loaded rows.
+- recreate: capture privileges, DROP the live table and create it from the snapshot.
+- swap: build the table in a staging schema `statevault_staging_<run>_<n>` and commit it;
+  nothing live is touched. `switch(plans)` then moves, in ONE transaction, each live table
+  into `statevault_old_<run>_<n>`, the staged one into its place (owned sequences follow),
+  carries over privileges and inbound foreign keys, and drops the old tables. A restore
+  killed before the switch leaves the live tables as they were; its staging schemas are
+  dropped by the next swap restore on that database (the dead run's session advisory lock is
+  gone) or by `DROP SCHEMA statevault_staging_... CASCADE`.
+
+Foreign keys of the snapshot are added after all items are loaded: `finish(plans, options)`
+(create/load/replace) and `switch(plans)` (swap) add them NOT VALID and then VALIDATE each;
+a violation is a SourceError naming the constraints (the data stays, the constraint stays
+NOT VALID). An FK to a table that is neither restored nor present is skipped (a plan note);
+so are FKs to other tables for a restore --into.
+
+read_back: the restored table (the staged one until the switch) through the same COPY and
+ORDER BY as the backup, so equal data gives equal bytes; `record_key` is the order key.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any, Iterator
+
+from psycopg import sql
+
+from backup.sources.postgres_schema import (FORMAT, SCHEMA_VERSION, bytewise_columns, connect,
+                                            copy_out_sql, describe_columns, find_table, key_reader, pg_errors,
+                                            resolve_table_name)
+from restore.targets import postgres_ddl as ddl
+from restore.targets import postgres_live as live
+from restore.targets.base import ItemPlan, Mode, RestoreOptions
+from restore.targets.postgres_swap import Staging
+from snapshots.errors import (IncompatibleTargetError, NotFoundError, SourceError, TargetNotEmptyError, UsageError)
+from snapshots.manifest import Item, Manifest
+from snapshots.settings import redact_url
+
+_BATCH_BYTES = 1 << 20
+
+
+class PostgresTarget:
+    kind = "postgres"
+    supports_swap = True
+
+    def __init__(self, url: str):
+        self.url = url
+        self._conn = None
+        self._run = secrets.token_hex(4)
+        self._staging = Staging(self._run)
+        self._pending_fks: list[tuple[ItemPlan, dict]] = []
+        self._to_validate: list[tuple[str, str]] = []
+        self._keys: dict[str, Any] = {}
+
+    @property
+    def conn(self):
+        if self._conn is None:
+            self._conn = connect(self.url, "statevault restore")
+        return self._conn
+
+    def _errors(self, what: str):
+        return pg_errors(what, self.url)
+
+    # ---- plan ---------------------------------------------------------------------------
+    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: Mode) -> list[ItemPlan]:
+        items = _select(manifest, only)
+        if into is not None and len(items) != 1:
+            raise UsageError(f"--into renames one table; {len(items)} are selected (use --only)")
+        targets = {}
+        for item in items:
+            _check_item(item)
+            orig = item.schema["table"]
+            targets[item.name] = resolve_table_name(into, orig["schema"]) if into else (orig["schema"], orig["name"])
+        plans, not_empty = [], []
+        with self._errors(f"plan the restore into {redact_url(self.url)}"):
+            for item in items:
+                plan = self._plan_item(item, targets, mode, into is not None)
+                if plan is None:
+                    not_empty.append(".".join(targets[item.name]))
+                else:
+                    plans.append(plan)
+        if not_empty:
+            raise TargetNotEmptyError(f"{', '.join(not_empty)} already hold rows; mode 'new' only restores into "
+                                      "missing or empty tables (choose --mode replace or swap, or --into)")
+        return plans
+
+    def _plan_item(self, item: Item, targets: dict[str, tuple[str, str]], mode: Mode, renamed: bool
+                   ) -> ItemPlan | None:
+        spec = item.schema
+        schema, name = targets[item.name]
+        target = f"{schema}.{name}"
+        found = find_table(self.conn, schema, name)
+        notes: list[str] = []
+        live_records = None
+        if found is None:
+            action, method = "create", "create"
+        else:
+            oid, relkind = found
+            if relkind != "r":
+                raise IncompatibleTargetError(f"{target} exists on the target and is not a plain table "
+                                              f"(relkind {relkind!r})")
+            diffs = ddl.compatible(spec, describe_columns(self.conn, oid))
+            live_records = self.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(schema, name))).fetchone()[0]
+            if mode == "new":
+                if live_records:
+                    return None
+                if diffs:
+                    raise IncompatibleTargetError(f"{target} exists with other columns than snapshot item "
+                                                  f"{item.name}: {'; '.join(diffs)}; nothing was written")
+                action, method = "create", "load"
+            elif mode == "replace" and not diffs:
+                action, method = "replace", "truncate"
+            else:
+                action, method = ("swap", "stage") if mode == "swap" else ("replace", "recreate")
+                views = live.dependent_views(self.conn, oid)
+                if views:
+                    raise IncompatibleTargetError(f"{target} has dependent views ({', '.join(views)}) that "
+                                                  f"{'a swap' if mode == 'swap' else 'recreating it'} would drop",
+                                                  hint="Restore --into a new name, or drop and recreate the views.")
+                if diffs:
+                    notes.append(f"recreated with the snapshot's columns ({'; '.join(diffs)})")
+                notes.append("privileges and owner are carried over; triggers, policies and comments are not")
+        enums, extensions, problems = live.check_types(self.conn, spec)
+        if problems:
+            raise IncompatibleTargetError(f"{target}: {'; '.join(problems)}; nothing was written")
+        restored = {(s, t) for s, t in targets.values()}
+        foreign_keys = []
+        if method in ("create", "recreate", "stage"):
+            for fk in spec["foreign_keys"]:
+                ref = fk["references"]
+                is_self = (ref["schema"], ref["name"]) == (spec["table"]["schema"], spec["table"]["name"])
+                if is_self or (not renamed and ((ref["schema"], ref["name"]) in restored
+                                                or find_table(self.conn, ref["schema"], ref["name"]))):
+                    foreign_keys.append(fk)
+                else:
+                    why = "restore --into" if renamed else f"{ref['schema']}.{ref['name']} does not exist"
+                    notes.append(f"foreign key {fk['name']} not recreated ({why})")
+        details = {"schema": schema, "table": name, "method": method, "enums": enums, "extensions": extensions,
+                   "foreign_keys": foreign_keys, "live_oid": found[0] if found else None}
+        selector = [target] if action in ("replace", "swap") else []
+        return ItemPlan(item=item, target=target, action=action, live_records=live_records,
+                        backup_selector=selector, notes=notes, details=details)
+
+    # ---- restore ------------------------------------------------------------------------
+    def restore(self, plan: ItemPlan, records: Iterator[bytes], options: RestoreOptions) -> None:
+        d = plan.details
+        place = ddl.Placement(d["schema"], d["table"], plan.item.schema["table"]["name"])
+        with self._errors(f"restore {plan.item.name} into {plan.target}"):
+            if d["method"] == "stage":
+                self._stage(plan, place, records, options)
+                return
+            with self.conn.transaction():
+                if d["method"] == "create":
+                    self._create(plan, place, records, options)
+                    self._pending_fks += [(plan, fk) for fk in d["foreign_keys"]]
+                elif d["method"] == "recreate":
+                    self._recreate(plan, place, records, options)
+                else:
+                    self._load_existing(plan, place, records, options)
+
+    def _create(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes], options: RestoreOptions) -> None:
+        spec, conn, d = plan.item.schema, self.conn, plan.details
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(place.schema)))
+        for ext in d["extensions"]:
+            conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext)))
+        for enum in d["enums"]:
+            if find_type(conn, enum["schema"], enum["name"]) is None:  # another item may have made it
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(enum["schema"])))
+                conn.execute(ddl.create_enum(enum))
+        for seq in ddl.used_sequences(spec):
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(seq["schema"])))
+            conn.execute(ddl.create_sequence(seq, place, if_not_exists=True))
+        for seq in ddl.owned_sequences(spec):
+            if not seq["identity"]:
+                conn.execute(ddl.create_sequence(seq, place))
+        conn.execute(ddl.create_table(spec, place, conn))
+        self._copy_in(plan, place.table, records, options)
+        for stmt in ddl.after_load(spec, place):
+            conn.execute(stmt)
+        for seq in ddl.owned_sequences(spec):
+            live.setval(conn, ddl.sequence_ident(seq, place), seq["last_value"], seq["is_called"])
+        self._advance_shared(spec, place)
+
+    def _load_existing(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes],
+                       options: RestoreOptions) -> None:
+        spec, conn = plan.item.schema, self.conn
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(place.table))
+        oid = _oid(conn, place)
+        if plan.details["method"] == "load" and conn.execute(
+                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(place.table)).fetchone()[0]:
+            raise TargetNotEmptyError(f"{plan.target} received rows since the plan; nothing was written")
+        fks = live.foreign_keys_touching(conn, oid)
+        live.detach(conn, fks)
+        if plan.details["method"] == "truncate":
+            conn.execute(sql.SQL("TRUNCATE {}").format(place.table))
+        self._copy_in(plan, place.table, records, options)
+        table_sql = place.table.as_string(conn)
+        for seq in ddl.owned_sequences(spec):
+            name = live.serial_sequence(conn, table_sql, seq["owned_by"])
+            if name is not None:
+                live.setval(conn, name, seq["last_value"], seq["is_called"])
+        self._advance_shared(spec, place)
+        self._to_validate += live.reattach(conn, fks)
+
+    def _recreate(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes],
+                  options: RestoreOptions) -> None:
+        conn = self.conn
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(place.table))
+        oid = _oid(conn, place)
+        privs = live.privileges(conn, oid)
+        inbound = live.foreign_keys_touching(conn, oid, inbound_only=True)
+        live.detach(conn, inbound)
+        conn.execute(sql.SQL("DROP TABLE {}").format(place.table))
+        self._create(plan, place, records, options)
+        plan.notes.extend(live.apply_privileges(conn, place.table, privs))
+        self._to_validate += live.reattach(conn, inbound)
+        self._pending_fks += [(plan, fk) for fk in plan.details["foreign_keys"]]
+
+    def _advance_shared(self, spec: dict, place: ddl.Placement) -> None:
+        for seq in ddl.used_sequences(spec):
+            live.advance(self.conn, ddl.sequence_ident(seq, place), seq)
+
+    def _copy_in(self, plan: ItemPlan, table: sql.Identifier, records: Iterator[bytes],
+                 options: RestoreOptions) -> None:
+        """COPY FROM STDIN, written in batches of `options.batch_size` rows (or ~1 MiB)."""
+        limit = max(1, options.batch_size)
+        with self.conn.cursor() as cur, cur.copy(ddl.copy_in(plan.item.schema, table)) as copy:
+            batch: list[bytes] = []
+            size = 0
+            for record in records:
+                batch.append(record)
+                size += len(record)
+                if len(batch) >= limit or size >= _BATCH_BYTES:
+                    copy.write(b"".join(batch))
+                    batch, size = [], 0
+            if batch:
+                copy.write(b"".join(batch))
+
+    # ---- swap ---------------------------------------------------------------------------
+    def _stage(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes], options: RestoreOptions) -> None:
+        staged = self._staging.reserve(self.conn, plan.target, place)
+        with self.conn.transaction():
+            self.conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staged.schema)))
+            self._create(plan, staged, records, options)
+        self._staging.tables[plan.target] = staged
+
+    def switch(self, plans: list[ItemPlan]) -> None:
+        """Swap every staged table into place in ONE transaction, then validate foreign keys.
+
+        Call after the staged tables verified; without a switch, `close` drops them."""
+        swaps = [p for p in plans if p.target in self._staging.tables]
+        if not swaps:
+            return
+        conn = self.conn
+        pending = list(self._pending_fks)
+        try:
+            with self._errors(f"switch {', '.join(p.target for p in swaps)}"), conn.transaction():
+                inbound = self._staging.switch(conn, swaps)
+                self._pending_fks += [(plan, fk) for plan in swaps for fk in plan.details["foreign_keys"]]
+                added = self._add_pending_fks(switched={p.target for p in swaps}) + live.reattach(conn, inbound)
+        except BaseException:
+            self._pending_fks = pending
+            raise
+        self._staging.forget(swaps)
+        self._to_validate += added
+        with self._errors("validate foreign keys"):
+            self._validate()
+
+    # ---- finish -------------------------------------------------------------------------
+    def finish(self, plans: list[ItemPlan], options: RestoreOptions) -> None:
+        """After every item is loaded: add the snapshot's foreign keys and validate those
+        detached during the load. Idempotent. Keys to or of staged tables wait for `switch`."""
+        with self._errors("add foreign keys"):
+            with self.conn.transaction():
+                self._to_validate += self._add_pending_fks()
+            self._validate()
+
+    def _add_pending_fks(self, switched: set[str] = frozenset()) -> list[tuple[str, str]]:
+        """Add pending snapshot FKs NOT VALID (in the caller's transaction), except those of or
+        to a table still waiting in staging (`switched`: those being switched in now)."""
+        waiting = set(self._staging.tables) - set(switched)
+        staged = {self._staging.finals[t] for t in waiting}
+        keep, added = [], []
+        for plan, fk in self._pending_fks:
+            ref = (fk["references"]["schema"], fk["references"]["name"])
+            if plan.target in waiting or ref in staged:
+                keep.append((plan, fk))
+                continue
+            place = ddl.Placement(plan.details["schema"], plan.details["table"], plan.item.schema["table"]["name"])
+            self.conn.execute(ddl.foreign_key(fk, plan.item.schema, place, self.conn))
+            added.append((place.table.as_string(self.conn), place.object_name(fk["name"])))
+        self._pending_fks = keep
+        return added
+
+    def _validate(self) -> None:
+        pending, self._to_validate = self._to_validate, []
+        failures = live.validate(self.conn, pending)
+        if failures:
+            raise SourceError("the restored rows violate foreign keys (left NOT VALID, still enforced for new "
+                              "rows): " + "; ".join(failures),
+                              hint="Restore the referenced tables from the same snapshot too, or fix the rows.")
+
+    # ---- verification -------------------------------------------------------------------
+    def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
+        place = self._staging.tables.get(plan.target) or ddl.Placement(plan.details["schema"], plan.details["table"], "")
+        spec = plan.item.schema
+        with self._errors(f"read back {plan.target}"):
+            found = find_table(self.conn, place.schema, place.name)
+            if found is None:
+                raise NotFoundError(f"{place.qualified} does not exist on the target")
+            stmt = copy_out_sql(spec, place.schema, place.name, bytewise_columns(describe_columns(self.conn, found[0])))
+            with self.conn.cursor() as cur, cur.copy(stmt) as copy:
+                for row in copy:
+                    yield bytes(row)
+
+    def canonical(self, item: Item, record: bytes) -> bytes:
+        return record
+
+    def record_key(self, item: Item, record: bytes) -> Any:
+        reader = self._keys.get(item.name)
+        if reader is None:
+            reader = self._keys[item.name] = key_reader(item.schema)
+        return reader(record)
+
+    def close(self) -> None:
+        """Drop staged tables that were never switched in; close the connection."""
+        if self._conn is None:
+            return
+        try:
+            self._staging.discard(self._conn)
+        finally:
+            self._conn.close()
+            self._conn = None
+
+
+def find_type(conn, schema: str, name: str) -> int | None:
+    row = conn.execute("""SELECT t.oid FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n
+                          ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s""",
+                       (schema, name)).fetchone()
+    return row[0] if row else None
+
+
+def _oid(conn, place: ddl.Placement) -> int:
+    found = find_table(conn, place.schema, place.name)
+    if found is None:
+        raise NotFoundError(f"{place.qualified} disappeared from the target since the plan")
+    return found[0]
+
+
+def _select(manifest: Manifest, only: list[str]) -> list[Item]:
+    if not only:
+        return list(manifest.items)
+    by_name = {i.name: i for i in manifest.items}
+    chosen = []
+    for name in only:
+        full = name if name in by_name else ".".join(resolve_table_name(name))
+        if full not in by_name:
+            names = ", ".join(by_name) or "none"
+            raise NotFoundError(f"snapshot {manifest.id} has no table {name!r} (items: {names})")
+        if by_name[full] not in chosen:
+            chosen.append(by_name[full])
+    return chosen
+
+
+def _check_item(item: Item) -> None:
+    if item.format != FORMAT or item.schema.get("schema_version") != SCHEMA_VERSION:
+        raise IncompatibleTargetError(f"item {item.name} has format {item.format!r} (schema version "
+                                      f"{item.schema.get('schema_version')}); this statevault restores "
+                                      f"{FORMAT} version {SCHEMA_VERSION} into PostgreSQL")

@@ -1,0 +1,178 @@
+"""What a PostgreSQL restore must know and carry over about the live database.
+
+- Foreign keys touching a table: a TRUNCATE or a swap cannot proceed while other tables
+  reference it, so they are dropped, and re-added NOT VALID in the same transaction once the
+  new rows are in (cheap, no scan under the exclusive lock; still enforced for new writes).
+  `validate` checks them afterwards, under a lock that does not block readers or writers.
+- Privileges and owner of a table that is recreated or swapped in, so the agent's role can
+  still read its memory afterwards.
+- Views depending on a table (a recreate or swap would drop or detach them: refused in plan).
+- Types the snapshot needs (enum labels, extensions), checked before anything is written.
+- Sequence values: owned sequences are set to the snapshot's value; shared sequences are only
+  ever moved forward, since other tables draw from them too.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import sql
+
+from restore.targets.postgres_ddl import add_constraint
+
+_FKS = """
+SELECT c.conname, pg_catalog.pg_get_constraintdef(c.oid), c.conrelid,
+       pg_catalog.format('%%I.%%I', n.nspname, r.relname)
+FROM pg_catalog.pg_constraint c
+JOIN pg_catalog.pg_class r ON r.oid = c.conrelid JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+WHERE c.contype = 'f' AND c.conparentid = 0 AND (c.conrelid = %(t)s OR c.confrelid = %(t)s)
+ORDER BY 4, 1"""
+
+
+def foreign_keys_touching(conn, oid: int, *, inbound_only: bool = False,
+                          skip_tables: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """FKs from or to table `oid` (only those from other tables with inbound_only), except
+    those declared on `skip_tables` (tables about to be dropped along with their constraints)."""
+    out = []
+    for name, definition, conrelid, table_sql in conn.execute(_FKS, {"t": oid}):
+        if (inbound_only and conrelid == oid) or conrelid in skip_tables:
+            continue
+        out.append({"table": table_sql, "name": name, "definition": definition})
+    return out
+
+
+def detach(conn, fks: list[dict[str, Any]]) -> None:
+    for fk in fks:
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.SQL(fk["table"]),
+                                                                          sql.Identifier(fk["name"])))
+
+
+def reattach(conn, fks: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Re-add detached FKs NOT VALID; returns (table, constraint) pairs for `validate`."""
+    for fk in fks:
+        conn.execute(add_constraint(sql.SQL(fk["table"]), fk["name"], fk["definition"], not_valid=True))
+    return [(fk["table"], fk["name"]) for fk in fks]
+
+
+def validate(conn, pending: list[tuple[str, str]]) -> list[str]:
+    """VALIDATE each constraint in its own transaction; returns the failures, one line each
+    (the constraint stays NOT VALID: enforced for new rows, violated by some restored ones)."""
+    import psycopg
+
+    failures = []
+    for table, name in pending:
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(sql.SQL(table),
+                                                                                    sql.Identifier(name)))
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            failures.append(f"{table} {name}: {first}")
+    return failures
+
+
+# --------------------------------------------------------------------------- privileges, views
+
+_PRIVILEGES = """
+SELECT pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(c.relowner)),
+       pg_catalog.pg_get_userbyid(c.relowner) = current_user,
+       ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                               ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END,
+                          a.privilege_type, a.is_grantable::text]
+             FROM pg_catalog.aclexplode(c.relacl) a WHERE a.grantee <> c.relowner)
+FROM pg_catalog.pg_class c WHERE c.oid = %s"""
+
+
+def privileges(conn, oid: int) -> dict[str, Any]:
+    owner, mine, grants = conn.execute(_PRIVILEGES, (oid,)).fetchone()
+    return {"owner": owner, "owner_is_me": bool(mine), "grants": [tuple(g) for g in grants or []]}
+
+
+def apply_privileges(conn, table: sql.Composable, privs: dict[str, Any]) -> list[str]:
+    """GRANT what the old table granted; hand it to the old owner if we may. Returns notes."""
+    import psycopg
+
+    for grantee, privilege, grantable in privs["grants"]:
+        option = " WITH GRANT OPTION" if grantable == "true" else ""
+        conn.execute(sql.SQL("GRANT " + privilege + " ON TABLE {} TO " + grantee + option).format(table))
+    if privs["owner_is_me"]:
+        return []
+    try:
+        with conn.transaction():  # a savepoint: a refused OWNER TO must not undo the restore
+            conn.execute(sql.SQL("ALTER TABLE {} OWNER TO " + privs["owner"]).format(table))
+    except psycopg.Error:
+        return [f"could not give the restored table to its previous owner {privs['owner']}"]
+    return []
+
+
+def dependent_views(conn, oid: int) -> list[str]:
+    rows = conn.execute(
+        """SELECT DISTINCT pg_catalog.format('%%I.%%I', vn.nspname, v.relname) FROM pg_catalog.pg_depend d
+           JOIN pg_catalog.pg_rewrite rw ON rw.oid = d.objid JOIN pg_catalog.pg_class v ON v.oid = rw.ev_class
+           JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace
+           WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.refclassid = 'pg_catalog.pg_class'::regclass
+             AND d.refobjid = %s AND v.oid <> %s ORDER BY 1""", (oid, oid)).fetchall()
+    return [r[0] for r in rows]
+
+
+# --------------------------------------------------------------------------- types
+
+def check_types(conn, spec: dict[str, Any]) -> tuple[list[dict], list[str], list[str]]:
+    """(enums to create, extensions to create, problems) for the snapshot's column types."""
+    import psycopg
+
+    enums, problems = [], []
+    for enum in spec["enums"]:
+        row = conn.execute(
+            """SELECT t.typtype, ARRAY(SELECT e.enumlabel FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid)
+               FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+               WHERE n.nspname = %s AND t.typname = %s""", (enum["schema"], enum["name"])).fetchone()
+        name = f"{enum['schema']}.{enum['name']}"
+        if row is None:
+            enums.append(enum)
+        elif row[0] != "e":
+            problems.append(f"type {name} exists on the target but is not an enum")
+        elif set(enum["labels"]) - set(row[1]):
+            missing = ", ".join(sorted(set(enum["labels"]) - set(row[1])))
+            problems.append(f"enum {name} on the target lacks the labels {missing}")
+    extensions = []
+    if spec["extensions"]:
+        have = {r[0] for r in conn.execute("SELECT extname FROM pg_catalog.pg_extension")}
+        available = {r[0] for r in conn.execute("SELECT name FROM pg_catalog.pg_available_extensions")}
+        for ext in spec["extensions"]:
+            if ext in have:
+                continue
+            if ext in available:
+                extensions.append(ext)
+            else:
+                problems.append(f"extension {ext} (providing a column type) is not available on the target")
+    if not enums and not extensions:
+        for col in spec["columns"]:
+            try:
+                found = conn.execute("SELECT pg_catalog.to_regtype(%s)", (col["type"],)).fetchone()[0]
+            except psycopg.Error:
+                found = None
+            if found is None:
+                problems.append(f"column {col['name']}: type {col['type']} does not exist on the target")
+    return enums, extensions, problems
+
+
+# --------------------------------------------------------------------------- sequences
+
+def setval(conn, seq: sql.Composable | str, last_value: int, is_called: bool) -> None:
+    name = seq if isinstance(seq, str) else seq.as_string(conn)
+    conn.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)", (name, last_value, is_called))
+
+
+def advance(conn, seq: sql.Identifier, snap: dict[str, Any]) -> None:
+    """Move a shared sequence forward to the snapshot's position, never back."""
+    last, called = conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq)).fetchone()
+    step = snap["increment"]
+    live_next = last + step if called else last
+    snap_next = snap["last_value"] + step if snap["is_called"] else snap["last_value"]
+    if (step > 0 and snap_next > live_next) or (step < 0 and snap_next < live_next):
+        setval(conn, seq, snap["last_value"], snap["is_called"])
+
+
+def serial_sequence(conn, table_sql: str, column: str) -> str | None:
+    """The sequence a live table's column draws from (serial or identity), or None."""
+    return conn.execute("SELECT pg_catalog.pg_get_serial_sequence(%s, %s)", (table_sql, column)).fetchone()[0]

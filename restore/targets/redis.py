@@ -1,0 +1,319 @@
+"""Redis / Valkey target: writes `redis-jsonl-v1` records back with plain commands.
+
+No RESTORE/DUMP: values are recreated with SET, RPUSH, HSET, SADD, ZADD and XADD (explicit
+ids, then XSETID and XGROUP CREATE), so a snapshot of Redis 7 or Valkey 9 restores into 6.2.
+
+Scope. Each snapshot item (a key pattern) covers, on the target, the keys matching its pattern
+and no earlier item's pattern, restricted to `only` when given (and to the snapshot's own
+`only` if it was a partial backup). `plan` checks that scope; `read_back` lists it.
+
+Modes
+- new: refused with TargetNotEmptyError when any key already exists in the scope (nothing is
+  written). A full restore into an empty DB takes a DBSIZE == 0 fast path.
+- replace: every restored key is DEL'd and rewritten (one MULTI/EXEC per pipelined batch, so
+  readers never see a key half written), then keys of the scope that are not in the snapshot are
+  UNLINKed: afterwards the scope equals the snapshot, which is what verification checks. The
+  orchestrator takes a pre-restore snapshot of `backup_selector` first.
+- swap: UsageError. Redis cannot switch a keyspace atomically. `into` (key renaming) is not
+  supported either; use --to with another DB index or server.
+
+TTLs (`RestoreOptions.ttl`)
+- keep: PEXPIREAT the absolute expiry. Keys expiring at or before plan.details
+  ["expiry_cutoff_ms"] are NOT written: the cutoff is frozen in `plan` as the target's clock plus
+  a margin (default 300 s + 0.2 ms per record of the item, or `expiry_margin_s`) meant to cover
+  the pre-restore snapshot, the restore and the verification, so no restored key expires before
+  it is verified. `written_filter(plan, options)` is that predicate on records: the orchestrator
+  must build the expected count/digest from records passing plan.record_filter AND it.
+  Skips are reported in details["expired"] (count) and details["expired_examples"].
+- reset: PEXPIRE with the TTL the key had at the cut (expiry minus the snapshot's cut time).
+  Nothing is skipped; a key whose TTL is shorter than restore + verification can expire before
+  read-back and then shows as missing (diff labels it "expired").
+- none: no expiry.
+
+`verify_ttls` and `diff` (restore/targets/redis_verify.py) check expiries and classify
+differences; the digest (canonical records, without "x") never covers TTLs.
+"""
+from __future__ import annotations
+
+import orjson
+from typing import Callable, Iterator
+
+from backup.sources.redis import KeyReader, read_scope
+from backup.sources.redis_keys import (KeyMatcher, NameSorter, Scope, connect, redis_errors, selector_may_match,
+                                       server_info, server_time_ms, sorted_minus)
+from backup.sources.redis_records import (FORMAT, PART_SIZE, canonical, dec, dec_bytes, display_key,
+                                          record_expiry, record_key)
+from restore.targets.base import ItemPlan, RestoreOptions
+from snapshots.errors import IncompatibleTargetError, TargetNotEmptyError, UsageError
+from snapshots.manifest import Item, Manifest
+from snapshots.settings import redact_url
+
+DEFAULT_MARGIN_S = 300.0
+MARGIN_PER_RECORD_S = 0.0002
+EXAMPLES = 10
+_MAX_ARGS = 200_000          # flush a pipeline past this many elements, whatever the key count
+_TMP_GROUP = b"__statevault_tmp__"
+
+
+class KeyFilter:
+    """`ItemPlan.record_filter` for `only`: decodes just the record's key and matches it."""
+
+    def __init__(self, selectors: list[str]):
+        self.selectors = list(selectors)
+        self._match = KeyMatcher(selectors)
+
+    def __call__(self, record: bytes) -> bool:
+        return self._match(record_key(record))
+
+
+class ExpiryFilter:
+    """`written_filter` for --ttl keep: records whose key `restore` writes."""
+
+    def __init__(self, cutoff_ms: int):
+        self.cutoff_ms = cutoff_ms
+
+    def __call__(self, record: bytes) -> bool:
+        x = record_expiry(record)
+        return x is None or x > self.cutoff_ms
+
+
+class RedisTarget:
+    kind = "redis"
+    supports_swap = False
+
+    def __init__(self, url: str, *, expiry_margin_s: float | None = None):
+        self.url = url
+        self.expiry_margin_s = expiry_margin_s
+        self.what = f"redis target {redact_url(url)}"
+        self._client = None
+        self._info = None
+
+    def connection(self):
+        """(client, ServerInfo), connecting on first use."""
+        if self._client is None:
+            client = connect(self.url)
+            try:
+                with redis_errors(self.what):
+                    self._info = server_info(client, self.url)
+            except BaseException:
+                client.close()
+                raise
+            self._client = client
+        return self._client, self._info
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # ---- plan ----------------------------------------------------------------------------
+    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: str) -> list[ItemPlan]:
+        if mode == "swap":
+            raise UsageError("Redis has no atomic switch for a keyspace, so --mode swap is not supported",
+                             hint="Use --mode replace: it first takes a pre-restore snapshot of the keys it "
+                                  "overwrites, so the restore can be undone.")
+        if into:
+            raise UsageError("--into is not supported for Redis (keys are restored under their own names)",
+                             hint="Restore into another DB index or server with --to redis://host:port/N.")
+        for item in manifest.items:
+            if item.format != FORMAT:
+                raise IncompatibleTargetError(f"item {item.name!r} has format {item.format!r}; the Redis "
+                                              f"target restores {FORMAT}")
+        selectors = list(only or [])
+        client, info = self.connection()
+        plans: list[ItemPlan] = []
+        with redis_errors(self.what):
+            now = server_time_ms(client)
+            empty = int(client.execute_command("DBSIZE")) == 0
+            for index, item in enumerate(manifest.items):
+                schema = item.schema
+                pattern = schema.get("pattern", item.name)
+                earlier = schema.get("earlier_patterns", [i.name for i in manifest.items[:index]])
+                within = schema.get("only")
+                if selectors and not any(selector_may_match(s, pattern, earlier) for s in selectors):
+                    continue  # every selected key belongs to another item
+                scope = Scope(pattern, earlier, selectors or None, within=within)
+                live, examples = 0, []
+                if not empty:
+                    for key in scope.keys(client):
+                        live += 1
+                        if len(examples) < EXAMPLES:
+                            examples.append(display_key(key))
+                margin = self.expiry_margin_s
+                if margin is None:
+                    margin = DEFAULT_MARGIN_S + item.records * MARGIN_PER_RECORD_S
+                details = {
+                    "pattern": pattern, "earlier_patterns": earlier, "only": selectors or None, "within": within,
+                    "part_size": schema.get("part_size", PART_SIZE),
+                    "cut_time_ms": schema.get("cut_time_ms", int(manifest.cut_time.timestamp() * 1000)),
+                    "expiry_cutoff_ms": now + int(margin * 1000), "live_examples": examples,
+                    "server": info.to_dict(),
+                }
+                plans.append(ItemPlan(item=item, target=pattern, action="create" if mode == "new" else "replace",
+                                      live_records=live, record_filter=KeyFilter(selectors) if selectors else None,
+                                      backup_selector=selectors or within or [pattern], details=details))
+        if mode == "new":
+            busy = [p for p in plans if p.live_records]
+            if busy:
+                total = sum(p.live_records for p in busy)
+                names = ", ".join(repr(n) for p in busy for n in p.details["live_examples"][:5])
+                raise TargetNotEmptyError(
+                    f"{total} key(s) the restore would cover already exist on {self.what} "
+                    f"(items {', '.join(repr(p.target) for p in busy)}; e.g. {names}); nothing was written")
+        return plans
+
+    def written_filter(self, plan: ItemPlan, options: RestoreOptions) -> Callable[[bytes], bool] | None:
+        """Which records `restore` writes, besides plan.record_filter; None: all of them."""
+        if options.ttl != "keep":
+            return None
+        return ExpiryFilter(plan.details["expiry_cutoff_ms"])
+
+    def scope(self, plan: ItemPlan) -> Scope:
+        d = plan.details
+        return Scope(d["pattern"], d["earlier_patterns"], d["only"], within=d["within"])
+
+    # ---- restore -------------------------------------------------------------------------
+    def restore(self, plan: ItemPlan, records: Iterator[bytes], options: RestoreOptions) -> None:
+        """Write the records (already filtered by plan.record_filter), consuming all of them."""
+        client, _ = self.connection()
+        d = plan.details
+        replace = plan.action == "replace"
+        with redis_errors(f"{self.what}, item {plan.item.name!r}"):
+            d["ttl_mode"] = options.ttl
+            d["restore_started_ms"] = server_time_ms(client)
+            written = NameSorter() if replace else None
+            writer = _KeyWriter(client, transaction=replace, ttl=options.ttl, cutoff=d["expiry_cutoff_ms"],
+                                cut_ms=d["cut_time_ms"], batch_size=max(1, options.batch_size),
+                                on_key=written.add if written is not None else None)
+            writer.run(records)
+            d.update(written=writer.written, expired=writer.skipped, expired_examples=writer.skipped_examples)
+            if written is not None:
+                d["deleted_extra"] = self._delete_extras(client, plan, written)
+            d["restore_finished_ms"] = server_time_ms(client)
+        if writer.skipped:
+            plan.notes.append(f"{writer.skipped} key(s) not restored: they expire before "
+                              f"{d['expiry_cutoff_ms']} (ms) under --ttl keep")
+
+    def _delete_extras(self, client, plan: ItemPlan, written: NameSorter) -> int:
+        """UNLINK scope keys the snapshot does not hold (both name streams sorted)."""
+        deleted = 0
+        pipe = client.pipeline(transaction=False)
+        for key in sorted_minus(self.scope(plan).keys(client), written):
+            pipe.execute_command("UNLINK", key)
+            deleted += 1
+            if len(pipe) >= 1000:
+                pipe.execute()
+        if len(pipe):
+            pipe.execute()
+        if deleted:
+            plan.notes.append(f"{deleted} key(s) in the scope but not in the snapshot were deleted")
+        return deleted
+
+    # ---- verification --------------------------------------------------------------------
+    def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
+        client, info = self.connection()
+        reader = KeyReader(client, info, part_size=plan.details["part_size"])
+        with redis_errors(f"{self.what}, reading back {plan.item.name!r}"):
+            for record, _ in read_scope(client, info, self.scope(plan), reader):
+                yield record
+
+    def canonical(self, item: Item, record: bytes) -> bytes:
+        return canonical(record)
+
+    def record_key(self, item: Item, record: bytes) -> str:
+        """The key name: text when UTF-8, else "b64:<base64>" (JSON-safe, for reports)."""
+        return display_key(record_key(record))
+
+    def verify_ttls(self, plan: ItemPlan, records: Iterator[bytes]) -> dict:
+        from restore.targets.redis_verify import verify_ttls
+
+        return verify_ttls(self, plan, records)
+
+    def diff(self, plan: ItemPlan, records: Iterator[bytes]) -> dict:
+        from restore.targets.redis_verify import diff
+
+        return diff(self, plan, records)
+
+
+class _KeyWriter:
+    """Pipelines the commands recreating each record's key (a key's parts arrive in order)."""
+
+    def __init__(self, client, *, transaction: bool, ttl: str, cutoff: int, cut_ms: int, batch_size: int,
+                 on_key: Callable[[bytes], None] | None):
+        self.client, self.transaction, self.ttl = client, transaction, ttl
+        self.cutoff, self.cut_ms, self.batch_size, self.on_key = cutoff, cut_ms, batch_size, on_key
+        self.written = 0
+        self.skipped = 0
+        self.skipped_examples: list[str] = []
+
+    def run(self, records: Iterator[bytes]) -> None:
+        pipe = self.client.pipeline(transaction=self.transaction)
+        cmd = pipe.execute_command
+        current, skip, stream_meta = None, False, None
+        nrec = nargs = 0
+        for record in records:
+            r = orjson.loads(record)
+            key = dec_bytes(r["k"])
+            if key != current:
+                if stream_meta is not None:
+                    self._finish_stream(cmd, current, stream_meta)
+                    stream_meta = None
+                current, first = key, True
+                x = r["x"]
+                skip = self.ttl == "keep" and x is not None and x <= self.cutoff
+                if skip:
+                    self.skipped += 1
+                    if len(self.skipped_examples) < EXAMPLES:
+                        self.skipped_examples.append(display_key(key))
+                    continue
+                self.written += 1
+                if self.on_key is not None:
+                    self.on_key(key)
+                cmd("DEL", key)
+            elif skip:
+                continue
+            else:
+                first = False
+            kind, v = r["t"], r["v"]
+            if kind == "string":
+                cmd("SET", key, dec(v))
+            elif kind == "list":
+                cmd("RPUSH", key, *[dec(e) for e in v])
+            elif kind == "hash":
+                cmd("HSET", key, *[dec(s) for pair in v for s in pair])
+            elif kind == "set":
+                cmd("SADD", key, *[dec(m) for m in v])
+            elif kind == "zset":
+                cmd("ZADD", key, *[a for member, score in v for a in (score, dec(member))])
+            elif kind == "stream":
+                for eid, fields in v["entries"]:
+                    cmd("XADD", key, eid, *[dec(f) for f in fields])
+                if first:
+                    if not v["entries"]:  # an empty stream still exists: create it through a group
+                        cmd("XGROUP", "CREATE", key, _TMP_GROUP, "0", "MKSTREAM")
+                        cmd("XGROUP", "DESTROY", key, _TMP_GROUP)
+                    stream_meta = (v["last_id"], v["groups"])
+            else:
+                raise IncompatibleTargetError(f"record for key {display_key(key)!r} has unknown type {kind!r}")
+            if first:
+                x = r["x"]
+                if x is not None and self.ttl == "keep":
+                    cmd("PEXPIREAT", key, x)
+                elif x is not None and self.ttl == "reset":
+                    cmd("PEXPIRE", key, max(1, x - self.cut_ms))
+            nrec += 1
+            nargs += len(v) if kind != "stream" else len(v["entries"])
+            if nrec >= self.batch_size or nargs >= _MAX_ARGS:
+                pipe.execute()
+                nrec = nargs = 0
+        if stream_meta is not None:
+            self._finish_stream(cmd, current, stream_meta)
+        if len(pipe):
+            pipe.execute()
+
+    @staticmethod
+    def _finish_stream(cmd, key: bytes, meta: tuple[str, list]) -> None:
+        last_id, groups = meta
+        cmd("XSETID", key, last_id)
+        for name, delivered in groups:
+            cmd("XGROUP", "CREATE", key, dec(name), delivered)

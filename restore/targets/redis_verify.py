@@ -1,0 +1,177 @@
+"""Checking a Redis restore beyond the digest: expiries, and a classified diff on failure.
+
+Both take the snapshot's records for the plan (filtered by plan.record_filter, in snapshot
+order) and return the same report shape:
+
+    {"item": pattern, "ttl_mode": "keep", "checked": keys compared, "ok": keys that match,
+     "skipped_expired": keys restore did not write (--ttl keep, expiry before the cutoff),
+     "missing" | "expired" | "extra" | "type_differs" | "value_differs" | "ttl_differs":
+         {"count": n, "examples": [{"key": name, "detail": text}, ...]},
+     "passed": bool}
+
+"expired" are snapshot keys absent from the target whose expiry has passed by now (the TTL
+did its job); "missing" are absent keys that should still be there.
+
+TTL rules (TOLERANCE_MS either way): a key without expiry in the snapshot, or any key under
+--ttl none, must have none on the target; --ttl keep: the same absolute expiry; --ttl reset:
+(expiry - cut time) after a moment between the start and the end of the restore.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import blake3
+
+from backup.sources.redis_keys import server_time_ms
+from backup.sources.redis_records import canonical, display_key, record_head
+from restore.targets.base import ItemPlan, RestoreOptions
+
+TOLERANCE_MS = 2000
+EXAMPLES = 20
+BATCH = 500
+CATEGORIES = ("missing", "expired", "extra", "type_differs", "value_differs", "ttl_differs")
+
+
+def ttl_problem(details: dict, snap_x: int | None, actual_x: int | None, now_ms: int) -> str | None:
+    """Why the target's expiry is wrong for this key, or None when it is right."""
+    mode = details.get("ttl_mode", "keep")
+    if snap_x is None or mode == "none":
+        return None if actual_x is None else f"expected no expiry, found {actual_x}"
+    if actual_x is None:
+        return "expected an expiry, found none"
+    if mode == "keep":
+        lo = hi = snap_x
+    else:
+        ttl = snap_x - details["cut_time_ms"]
+        lo = details.get("restore_started_ms", now_ms) + ttl
+        hi = details.get("restore_finished_ms", now_ms) + ttl
+    if lo - TOLERANCE_MS <= actual_x <= hi + TOLERANCE_MS:
+        return None
+    return f"expiry {actual_x} outside [{lo}, {hi}] +/- {TOLERANCE_MS} ms"
+
+
+@dataclass
+class _Report:
+    item: str
+    ttl_mode: str
+    checked: int = 0
+    ok: int = 0
+    skipped_expired: int = 0
+    found: dict = field(default_factory=lambda: {c: {"count": 0, "examples": []} for c in CATEGORIES})
+
+    def add(self, category: str, key: bytes, detail: str = "") -> None:
+        entry = self.found[category]
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES:
+            entry["examples"].append({"key": display_key(key), "detail": detail})
+
+    def to_dict(self) -> dict:
+        passed = all(v["count"] == 0 for k, v in self.found.items() if k != "expired")
+        return {"item": self.item, "ttl_mode": self.ttl_mode, "checked": self.checked, "ok": self.ok,
+                "skipped_expired": self.skipped_expired, **self.found, "passed": passed}
+
+
+def _report(plan: ItemPlan) -> _Report:
+    return _Report(plan.target, plan.details.get("ttl_mode", "keep"))
+
+
+def _written(target, plan: ItemPlan, records: Iterator[bytes], report: _Report) -> Iterator[bytes]:
+    keep = target.written_filter(plan, RestoreOptions(ttl=plan.details.get("ttl_mode", "keep")))
+    for record in records:
+        if keep is None or keep(record):
+            yield record
+        elif record_head(record)[2] in (None, 0):
+            report.skipped_expired += 1
+
+
+def verify_ttls(target, plan: ItemPlan, records: Iterator[bytes]) -> dict:
+    """Look up each restored key's type and expiry on the target (no values) and check them."""
+    client, info = target.connection()
+    report = _report(plan)
+    batch: list[tuple[bytes, str, int | None]] = []
+
+    def check() -> None:
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("TIME")
+        for key, _, _ in batch:
+            pipe.execute_command("TYPE", key)
+            pipe.execute_command("PEXPIRETIME" if info.has_pexpiretime else "PTTL", key)
+        res = pipe.execute()
+        now = int(res[0][0]) * 1000 + int(res[0][1]) // 1000
+        for i, (key, kind, snap_x) in enumerate(batch):
+            actual_kind, t = res[1 + 2 * i].decode(), res[2 + 2 * i]
+            actual_x = None if t < 0 else (t if info.has_pexpiretime else now + t)
+            report.checked += 1
+            if actual_kind == "none":
+                report.add("expired" if snap_x is not None and snap_x <= now else "missing", key)
+            elif actual_kind != kind:
+                report.add("type_differs", key, f"snapshot {kind}, target {actual_kind}")
+            elif (problem := ttl_problem(plan.details, snap_x, actual_x, now)) is not None:
+                report.add("ttl_differs", key, problem)
+            else:
+                report.ok += 1
+        batch.clear()
+
+    for record in _written(target, plan, records, report):
+        key, kind, part, x = record_head(record)
+        if part in (None, 0):
+            batch.append((key, kind, x))
+            if len(batch) >= BATCH:
+                check()
+    if batch:
+        check()
+    return report.to_dict()
+
+
+@dataclass
+class _Key:
+    key: bytes
+    kind: str
+    x: int | None
+    digest: str
+
+
+def _summaries(records: Iterator[bytes]) -> Iterator[_Key]:
+    """One summary per key (its parts hashed together), in stream order."""
+    current, kind, x, h = None, "", None, None
+    for record in records:
+        key, rkind, _, rx = record_head(record)
+        if key != current:
+            if current is not None:
+                yield _Key(current, kind, x, h.hexdigest())
+            current, kind, x, h = key, rkind, rx, blake3.blake3()
+        h.update(canonical(record))
+    if current is not None:
+        yield _Key(current, kind, x, h.hexdigest())
+
+
+def diff(target, plan: ItemPlan, records: Iterator[bytes]) -> dict:
+    """Merge the snapshot's records with the target's read-back (both sorted by key bytes)."""
+    client, _ = target.connection()
+    report = _report(plan)
+    left = _summaries(_written(target, plan, records, report))
+    right = _summaries(target.read_back(plan))
+    now = server_time_ms(client)
+    a, b = next(left, None), next(right, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a.key < b.key):
+            report.checked += 1
+            expired = a.x is not None and a.x <= server_time_ms(client)
+            report.add("expired" if expired else "missing", a.key)
+            a = next(left, None)
+        elif a is None or b.key < a.key:
+            report.add("extra", b.key, f"{b.kind} on the target only")
+            b = next(right, None)
+        else:
+            report.checked += 1
+            if a.kind != b.kind:
+                report.add("type_differs", a.key, f"snapshot {a.kind}, target {b.kind}")
+            elif a.digest != b.digest:
+                report.add("value_differs", a.key, f"{a.kind} value differs")
+            elif (problem := ttl_problem(plan.details, a.x, b.x, now)) is not None:
+                report.add("ttl_differs", a.key, problem)
+            else:
+                report.ok += 1
+            a, b = next(left, None), next(right, None)
+    return report.to_dict()

@@ -1,0 +1,385 @@
+"""Qdrant source and target against qdrant-client local mode (a real local store, not a mock).
+
+Local mode takes a file lock per directory: one client per path and process. Tests reach the
+store through `connect_qdrant`, which the source and target share, and close their handle
+before a child process opens the same path.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from qdrant_client import models as m
+
+from backup.job import snapshot_source
+from backup.sources.qdrant import (QdrantSource, connect_qdrant, iter_collection_records, local_canonical,
+                                   translate_qdrant_error)
+from backup.sources.qdrant_config import collection_schema, create_collection_kwargs, payload_index_ops
+from restore.run import restore_snapshot
+from restore.targets.base import RestoreOptions
+from restore.targets.qdrant import QdrantTarget
+from restore.verify import digest_of
+from snapshots.errors import (IncompatibleTargetError, NotFoundError, SourceError, TargetNotEmptyError,
+                              UsageError)
+from snapshots.manifest import Manifest, RepoConfig, new_snapshot_id, utcnow
+from snapshots.repository import open_repository
+from snapshots.settings import QdrantSource as QdrantSettings
+from snapshots.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_repo(url: str):
+    return open_repository(url, create=True, config=RepoConfig(
+        id="t", created_at=utcnow(), chunk_avg_size=16 << 10, chunk_min_size=4 << 10, chunk_max_size=64 << 10))
+
+
+def settings(path, **kw) -> QdrantSettings:
+    return QdrantSettings(kind="qdrant", path=str(path), **kw)
+
+
+def backup(repo, path, **kw):
+    manifest, stats = snapshot_source(repo, "kb", settings(path, **kw))
+    return manifest, stats
+
+
+def seed_named(client, name: str = "kb", n: int = 600, seed: int = 1) -> None:
+    """Two named dense vectors (Cosine, Euclid; some points lack `image`), a sparse vector,
+    int ids, payloads with nested objects, arrays and unicode, payload indexes."""
+    rng = random.Random(seed)
+    client.create_collection(name, vectors_config={
+        "text": m.VectorParams(size=24, distance=m.Distance.COSINE),
+        "image": m.VectorParams(size=8, distance=m.Distance.EUCLID)},
+        sparse_vectors_config={"keywords": m.SparseVectorParams(modifier=m.Modifier.IDF)})
+    points = []
+    for i in range(n):
+        vec = {"text": [rng.gauss(0, 1) for _ in range(24)],
+               "keywords": m.SparseVector(indices=sorted(rng.sample(range(1000), 4)), values=[rng.random() for _ in range(4)])}
+        if i % 5:
+            vec["image"] = [rng.gauss(0, 1) for _ in range(8)]
+        payload = {"lang": rng.choice(["en", "de", "ja"]), "title": f"Größe №{i} — 日本語 ✓",
+                   "meta": {"tags": ["a", "b", str(i)], "score": rng.random(), "nested": {"deep": [1, {"x": None}]}}}
+        points.append(m.PointStruct(id=i * 7 + 3, vector=vec, payload=payload))
+    client.upsert(name, points)
+    client.create_payload_index(name, "lang", m.PayloadSchemaType.KEYWORD)
+
+
+def seed_mixed_ids(client, name: str = "faq", n: int = 300, seed: int = 2) -> None:
+    """One unnamed Dot vector; UUID ids and int ids in one collection."""
+    rng = random.Random(seed)
+    client.create_collection(name, vectors_config=m.VectorParams(size=16, distance=m.Distance.DOT))
+    points = []
+    for i in range(n):
+        pid = str(uuid.UUID(int=rng.getrandbits(128))) if i % 2 else rng.randrange(1, 2**40)
+        points.append(m.PointStruct(id=pid, vector=[rng.uniform(-1, 1) for _ in range(16)],
+                                    payload={"q": f"question {i}", "answers": [{"text": "ok", "votes": i}]}))
+    client.upsert(name, points)
+
+
+def records_of(handle, name: str) -> list[bytes]:
+    schema = collection_schema(handle.client.get_collection(name), local=True)
+    return list(iter_collection_records(handle.client, name, schema, local=True))
+
+
+@pytest.fixture
+def store(qdrant_path):
+    handle = connect_qdrant(path=str(qdrant_path))
+    seed_named(handle.client)
+    seed_mixed_ids(handle.client)
+    yield handle
+    handle.close()
+
+
+def search_ids(client, name: str, query, using: str | None) -> list:
+    res = client.query_points(name, query=query, using=using, limit=10, search_params=m.SearchParams(exact=True))
+    return [(p.id, round(p.score, 5)) for p in res.points]
+
+
+def test_records_in_id_order_with_float32_vectors(store, file_repo_url, qdrant_path):
+    manifest, _ = backup(small_repo(file_repo_url), qdrant_path)
+    repo = open_repository(file_repo_url)
+    lines = list(repo.iter_records(manifest.item("faq")))
+    ids = [orjson.loads(line)["id"] for line in lines]
+    ints = [i for i in ids if isinstance(i, int)]
+    uuids = [i for i in ids if isinstance(i, str)]
+    assert ids == sorted(ints) + sorted(uuids) and ints and uuids  # ints first, then UUIDs by text
+    first = lines[0]
+    assert first.startswith(b'{"id":') and b',"payload":{"answers":' in first and first.endswith(b"]}\n")
+    vec = orjson.loads(first)["vector"]
+    assert isinstance(vec, list) and len(vec) == 16
+    as_f32 = np.asarray(vec, dtype=np.float32)
+    assert orjson.dumps(as_f32, option=orjson.OPT_SERIALIZE_NUMPY) in first  # shortest float32 text
+    [stored] = store.client.retrieve("faq", [ids[0]], with_vectors=True)
+    assert np.array_equal(as_f32, np.asarray(stored.vector, dtype=np.float32))
+    named = orjson.loads(next(iter(repo.iter_records(manifest.item("kb")))))
+    assert set(named["vector"]) == {"text", "keywords"}  # point 3 (i=0) has no image vector
+    assert sorted(named["vector"]["keywords"]) == ["indices", "values"]
+
+
+def test_round_trip_restores_points_config_and_search(store, file_repo_url, qdrant_path):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path)
+    item = manifest.item("kb")
+    assert item.records == 600 and item.schema["source_mode"] == "local"
+    assert set(item.schema["vectors"]) == {"text", "image"} and item.schema["vectors"]["text"]["distance"] == "Cosine"
+    assert item.schema["sparse_vectors"] == {"keywords": {"modifier": "idf"}}
+    assert item.schema["payload_indexes"] == {}  # local mode reports none (see test_config_round_trip_*)
+    client = store.client
+    rng = np.random.default_rng(5)
+    queries = [("kb", rng.standard_normal(24).tolist(), "text"), ("kb", rng.standard_normal(8).tolist(), "image"),
+               ("faq", rng.standard_normal(16).tolist(), None)]
+    before = [search_ids(client, c, q, u) for c, q, u in queries]
+    config_before = {c: client.get_collection(c).config.params.model_dump() for c in ("kb", "faq")}
+    for name in ("kb", "faq"):
+        client.delete_collection(name)
+
+    target = QdrantTarget(path=str(qdrant_path))
+    try:
+        plans = target.plan(manifest, only=[], into=None, mode="new")
+        assert [(p.target, p.action, p.live_records) for p in plans] == [("faq", "create", None), ("kb", "create", None)]
+        for plan in plans:
+            target.restore(plan, repo.iter_records(plan.item), RestoreOptions())
+            assert digest_of(target.read_back(plan)) == (plan.item.records, plan.item.digest)
+    finally:
+        target.close()
+    assert {c: client.get_collection(c).config.params.model_dump() for c in ("kb", "faq")} == config_before
+    assert [search_ids(client, c, q, u) for c, q, u in queries] == before
+
+
+def test_local_canonical_form_is_stable_under_local_normalisation():
+    rng = np.random.default_rng(0)
+    changed = 0
+    for _ in range(300):
+        a = rng.standard_normal(64).astype(np.float32)
+        a = a / np.linalg.norm(a)
+        b = a / np.linalg.norm(a)  # what local mode stores when `a` is upserted again
+        changed += not np.array_equal(a, b)
+        assert np.array_equal(local_canonical(a), local_canonical(b))
+        c = local_canonical(a)
+        assert np.array_equal(local_canonical(c / np.linalg.norm(c)), c)
+    assert changed > 30  # the problem is real: re-normalising changes many unit vectors
+
+
+def test_config_round_trip_for_server_options():
+    """What a server reports (hnsw, quantization, payload indexes...) survives schema -> create args."""
+    info = m.CollectionInfo(
+        status=m.CollectionStatus.GREEN, optimizer_status=m.OptimizersStatusOneOf.OK, points_count=3,
+        segments_count=1, indexed_vectors_count=0,
+        payload_schema={"lang": m.PayloadIndexInfo(data_type=m.PayloadSchemaType.KEYWORD, points=3),
+                        "body": m.PayloadIndexInfo(data_type=m.PayloadSchemaType.TEXT, points=3,
+                                                   params=m.TextIndexParams(type="text", tokenizer="word", lowercase=True))},
+        config=m.CollectionConfig(
+            params=m.CollectionParams(vectors={"text": m.VectorParams(size=4, distance="Cosine", on_disk=True),
+                                               "colbert": m.VectorParams(size=2, distance="Dot", multivector_config=
+                                                                         m.MultiVectorConfig(comparator="max_sim"))},
+                                      shard_number=2, replication_factor=1, on_disk_payload=True,
+                                      sparse_vectors={"bm25": m.SparseVectorParams(modifier="idf")}),
+            hnsw_config=m.HnswConfig(m=32, ef_construct=200, full_scan_threshold=10000),
+            optimizer_config=m.OptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000,
+                                                default_segment_number=2, flush_interval_sec=5),
+            wal_config=m.WalConfig(wal_capacity_mb=64, wal_segments_ahead=0),
+            quantization_config=m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type="int8", always_ram=True))))
+    schema = orjson.loads(orjson.dumps(collection_schema(info, local=False)))  # survives the JSON manifest
+    kw = create_collection_kwargs(schema)
+    assert kw["vectors_config"]["text"] == m.VectorParams(size=4, distance="Cosine", on_disk=True)
+    assert kw["vectors_config"]["colbert"].multivector_config.comparator == "max_sim"
+    assert kw["sparse_vectors_config"]["bm25"].modifier == m.Modifier.IDF
+    assert kw["hnsw_config"].m == 32 and kw["wal_config"].wal_capacity_mb == 64
+    assert kw["optimizers_config"].default_segment_number == 2
+    assert kw["quantization_config"].scalar.always_ram is True
+    assert (kw["shard_number"], kw["on_disk_payload"]) == (2, True)
+    ops = dict(payload_index_ops(schema))
+    assert ops["lang"] == m.PayloadSchemaType.KEYWORD
+    assert ops["body"].tokenizer == m.TokenizerType.WORD and ops["body"].lowercase is True
+
+
+def test_mode_new_refuses_non_empty_and_incompatible(store, file_repo_url, qdrant_path):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path)
+    before = records_of(store, "kb")
+    target = QdrantTarget(path=str(qdrant_path))
+    try:
+        with pytest.raises(TargetNotEmptyError):
+            target.plan(manifest, only=["kb"], into=None, mode="new")
+        store.client.create_collection("other", vectors_config={"text": m.VectorParams(size=12, distance="Cosine")})
+        for mode in ("new", "replace", "swap"):
+            with pytest.raises(IncompatibleTargetError, match="size 24"):
+                target.plan(manifest, only=["kb"], into="other", mode=mode)
+        with pytest.raises(NotFoundError):
+            target.plan(manifest, only=["nope"], into=None, mode="new")
+        with pytest.raises(UsageError):
+            target.plan(manifest, only=[], into="x", mode="new")  # --into needs one collection
+        # an empty compatible collection is fine for mode new
+        store.client.create_collection("empty", **create_collection_kwargs(manifest.item("kb").schema))
+        [plan] = target.plan(manifest, only=["kb"], into="empty", mode="new")
+        target.restore(plan, repo.iter_records(plan.item), RestoreOptions())
+        assert digest_of(target.read_back(plan)) == (600, plan.item.digest)
+    finally:
+        target.close()
+    assert records_of(store, "kb") == before
+    assert store.client.count("other").count == 0
+
+
+def _run_restore(repo_url, path, mode, only=("kb",)):
+    cfg = Settings(sources={"kb": {"kind": "qdrant", "path": str(path)}})
+    return restore_snapshot(open_repository(repo_url), cfg, "kb", "latest", only=list(only), mode=mode)
+
+
+def test_swap_switches_alias_and_replace_replaces(store, file_repo_url, qdrant_path):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path)
+    expected = list(repo.iter_records(manifest.item("kb")))
+    client = store.client
+    client.delete(collection_name="kb", points_selector=m.PointIdsList(points=[3, 10, 17]))
+    client.set_payload("kb", payload={"lang": "xx"}, points=[24])
+
+    result = _run_restore(file_repo_url, qdrant_path, "swap")  # first swap: kb is a real collection
+    assert result.ok and result.checks[0].actual_records == 600
+    aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+    assert aliases["kb"].startswith("kb__sv_")
+    assert records_of(store, "kb") == expected
+
+    client.delete(collection_name="kb", points_selector=m.PointIdsList(points=[3]))  # through the alias
+    first = aliases["kb"]
+    _run_restore(file_repo_url, qdrant_path, "swap")  # now an alias: one atomic alias update
+    aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+    assert aliases["kb"] != first and aliases["kb"].startswith("kb__sv_")
+    assert client.collection_exists(first)  # kept for rollback
+    assert records_of(store, "kb") == expected
+
+    # a backup sees the live name, not the staging names
+    manifest2, stats = backup(repo, qdrant_path)
+    assert sorted(i.name for i in manifest2.items) == ["faq", "kb"]
+    assert manifest2.item("kb").digest == manifest.item("kb").digest
+
+    client.delete(collection_name="faq", points_selector=m.PointIdsList(points=[orjson.loads(
+        next(iter(repo.iter_records(manifest.item("faq")))))["id"]]))
+    result = _run_restore(file_repo_url, qdrant_path, "replace", only=("faq",))
+    assert result.ok and result.pre_restore_snapshot is not None
+    assert records_of(store, "faq") == list(repo.iter_records(manifest.item("faq")))
+    pre = repo.load_manifest(result.pre_restore_snapshot)
+    assert pre.item("faq").records == 299 and "pre-restore" in pre.tags
+
+
+def test_swap_removes_stale_staging_collections(store, file_repo_url, qdrant_path):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path, collections=["faq"])
+    stale = "faq__sv_20200101000000abcd"
+    store.client.create_collection(stale, **create_collection_kwargs(manifest.item("faq").schema))
+    target = QdrantTarget(path=str(qdrant_path))
+    try:
+        [plan] = target.plan(manifest, only=["faq"], into=None, mode="swap")
+        assert plan.details["stale"] == [stale] and any("stale" in n for n in plan.notes)
+        target.restore(plan, repo.iter_records(plan.item), RestoreOptions())
+        target.switch([plan])
+    finally:
+        target.close()
+    assert not store.client.collection_exists(stale)
+
+
+CHILD = textwrap.dedent('''
+    import sys, time
+    from restore.targets.base import RestoreOptions
+    from restore.targets.qdrant import QdrantTarget
+    from snapshots.repository import open_repository
+
+    repo = open_repository(sys.argv[1])
+    manifest = repo.load_manifest(sys.argv[3])
+    target = QdrantTarget(path=sys.argv[2])
+    [plan] = target.plan(manifest, only=["kb"], into=None, mode="swap")
+
+    def records():
+        for n, record in enumerate(repo.iter_records(plan.item)):
+            if n == 300:  # the first batch of 256 is in the staging collection by now
+                print("STAGED", plan.details["staging"], flush=True)
+                while True:
+                    time.sleep(60)  # the parent SIGKILLs us here
+            yield record
+
+    target.restore(plan, records(), RestoreOptions())
+''')
+
+
+def test_swap_killed_midway_leaves_live_collection_untouched(store, file_repo_url, qdrant_path):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path)
+    store.client.delete(collection_name="kb", points_selector=m.PointIdsList(points=[3]))
+    live = records_of(store, "kb")
+    store.close()  # local mode: the child needs the directory's lock
+    child = subprocess.Popen([sys.executable, "-c", CHILD, file_repo_url, str(qdrant_path), manifest.id],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("STAGED"), child.stderr.read()
+        staging = line.split()[1]
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    handle = connect_qdrant(path=str(qdrant_path))  # the kernel dropped the dead child's lock
+    try:
+        assert records_of(handle, "kb") == live
+        assert handle.client.get_aliases().aliases == []
+        assert handle.client.count(staging).count == 256  # left behind, named as staging
+        assert "kb" in {c.name for c in handle.client.get_collections().collections}
+    finally:
+        handle.close()
+    result = _run_restore(file_repo_url, qdrant_path, "swap")  # a later swap still works
+    assert result.ok
+
+
+def test_unchanged_collection_backs_up_without_upload(store, file_repo_url, qdrant_path):
+    repo = small_repo(file_repo_url)
+    first, s1 = backup(repo, qdrant_path)
+    assert first.offline_index and s1["bytes_uploaded"] > 0
+    second, s2 = backup(repo, qdrant_path)
+    assert s2["bytes_uploaded"] <= 0.01 * s1["bytes_uploaded"]
+    assert [(i.name, i.digest) for i in second.items] == [(i.name, i.digest) for i in first.items]
+    store.client.set_payload("kb", payload={"lang": "changed"}, points=[3])
+    third, s3 = backup(repo, qdrant_path)
+    assert 0 < s3["bytes_uploaded"] < 0.5 * s1["bytes_uploaded"]
+
+
+def test_only_and_unknown_collections(store, qdrant_path):
+    source = QdrantSource(settings(qdrant_path))
+    with source.open(only=["faq"]) as cut:
+        assert [i.name for i in cut.items()] == ["faq"]
+        assert cut.source_info["mode"] == "local"
+    with pytest.raises(NotFoundError):
+        with source.open(only=["missing"]):
+            pass
+    with pytest.raises(NotFoundError):
+        with QdrantSource(settings(qdrant_path, collections=["missing"])).open():
+            pass
+
+
+def test_unreachable_server_is_a_retryable_source_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    source = QdrantSource(QdrantSettings(kind="qdrant", url=f"http://127.0.0.1:{port}", api_key="secret"))
+    with pytest.raises(SourceError) as info:
+        with source.open():
+            pass
+    assert info.value.retryable and "secret" not in info.value.message
+    empty = Manifest(id=new_snapshot_id(), source="kb", kind="qdrant", started_at=utcnow(), finished_at=utcnow(),
+                     cut_time=utcnow(), items=[])
+    with pytest.raises(SourceError) as info:
+        QdrantTarget(url=f"http://127.0.0.1:{port}").plan(empty, only=[], into=None, mode="new")
+    assert info.value.retryable
+
+
+def test_unmapped_exception_is_not_retryable():
+    err = translate_qdrant_error(KeyError("boom"), "scroll kb")
+    assert isinstance(err, SourceError) and not err.retryable and "KeyError" in err.message

@@ -1,0 +1,438 @@
+"""Redis source and target against real servers: Redis 7 (per-test DB), Redis 6.2 and Valkey 9.
+
+The restore flow below mirrors what the orchestrator does: plan, stream the snapshot's
+records (through plan.record_filter) into restore, then compare the digest of the records
+restore wrote (record_filter AND written_filter) with the digest of the target's read-back.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import orjson
+import pytest
+import redis
+
+import backup.sources.redis as redis_source
+from backup.sources.redis import RedisSource
+from backup.sources.redis_keys import KeyMatcher, sorted_unique
+from backup.sources.redis_records import FORMAT, canonical, display_key, record_head, record_key
+from restore.targets.base import RestoreOptions
+from restore.targets.redis import RedisTarget
+from snapshots.codec import digest_records
+from snapshots.errors import SourceError, TargetNotEmptyError, UsageError
+from snapshots.manifest import RepoConfig, utcnow
+from snapshots.repository import open_repository
+from snapshots.settings import RedisSource as RedisSourceSettings
+from tests.servers import free_port
+
+TOL_MS = 2000
+SMALL_CHUNKS = RepoConfig(id="t", created_at=utcnow(), chunk_avg_size=16 << 10, chunk_min_size=4 << 10,
+                          chunk_max_size=64 << 10)
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+def client_for(url: str) -> redis.Redis:
+    c = redis.Redis.from_url(url, protocol=2)
+    c.set_response_callback("XRANGE", lambda r, **kw: r)  # keep repeated stream fields
+    return c
+
+
+def expiry_ms(c: redis.Redis, key) -> int | None:
+    """Exact with PEXPIRETIME (Redis 7+, Valkey); TIME + PTTL (+-1 ms) on 6.2."""
+    try:
+        x = c.execute_command("PEXPIRETIME", key)
+        return None if x < 0 else x
+    except redis.ResponseError:
+        pass
+    pttl = c.pttl(key)
+    if pttl < 0:
+        return None
+    sec, usec = c.time()
+    return sec * 1000 + usec // 1000 + pttl
+
+
+def typed_dump(url: str) -> dict:
+    """Every key of the DB as (type, value, absolute expiry ms or None), via redis-py."""
+    c = client_for(url)
+    out = {}
+    for key in c.scan_iter(count=1000):
+        kind = c.type(key).decode()
+        if kind == "string":
+            value = c.get(key)
+        elif kind == "list":
+            value = c.lrange(key, 0, -1)
+        elif kind == "hash":
+            value = c.hgetall(key)
+        elif kind == "set":
+            value = c.smembers(key)
+        elif kind == "zset":
+            value = c.zrange(key, 0, -1, withscores=True)
+        else:
+            groups = sorted((g["name"], g["last-delivered-id"]) for g in c.xinfo_groups(key))
+            value = (c.xrange(key), c.xinfo_stream(key)["last-generated-id"], groups)
+        out[key] = (kind, value, expiry_ms(c, key))
+    c.close()
+    return out
+
+
+def assert_same_state(expected: dict, actual: dict, *, ttl: str = "keep") -> None:
+    assert sorted(expected) == sorted(actual)
+    for key, (kind, value, x) in expected.items():
+        akind, avalue, ax = actual[key]
+        assert (akind, avalue) == (kind, value), key
+        if ttl == "none" or x is None:
+            assert ax is None, key
+        else:
+            assert ax is not None and abs(ax - x) <= TOL_MS, (key, x, ax)
+
+
+def fill(url: str) -> None:
+    """Every type, binary-unsafe keys and values, float scores with +/-inf, TTLs on some."""
+    c = redis.Redis.from_url(url)
+    c.set("str:plain", "hello wörld")
+    c.set(b"bin:\xff\xfe", b"\x00\x80\xff binary")
+    c.set("str:ttl", "soon", px=3_600_000)
+    c.set('str:"quoted\\key","t":"x"', "tricky key")
+    c.rpush("list:l", "a", "b", "a", b"\xc3")
+    c.rpush("list:big", *[f"m{i}" for i in range(130)])
+    c.hset("hash:h", mapping={"b": "2", "a": "1", b"\xff": b"\xfe"})
+    c.hset("hash:big", mapping={f"f{i:03d}": str(i) for i in range(120)})
+    c.sadd("set:s", "z", "y", b"\x80")
+    c.sadd("set:big", *[f"m{i}" for i in range(120)])
+    c.zadd("zset:z", {"inf": math.inf, "ninf": -math.inf, "tenth": 0.1, "third": 1 / 3, "big": 1e300,
+                      "tie-b": 2, "tie-a": 2, "neg": -2.5})
+    c.zadd("zset:big", {f"m{i}": i / 7 for i in range(130)})
+    c.execute_command("XADD", "stream:s", "1-1", "f", "v", "f", "dup")
+    c.xadd("stream:s", {"g": b"\xff"}, id="2-5")
+    c.xgroup_create("stream:s", "readers", id="1-1")
+    c.xgroup_create("stream:s", "late", id="$")
+    for i in range(120):
+        c.xadd("stream:big", {"n": str(i)}, id=f"{i + 1}-0")
+    c.xadd("stream:empty", {"a": "1"}, id="9-9")
+    c.xdel("stream:empty", "9-9")
+    for key, ms in [("zset:z", 7_200_000), ("hash:h", 5_000_000), ("list:big", 5_000_000),
+                    ("stream:s", 5_000_000), ("set:big", 4_000_000)]:
+        c.pexpire(key, ms)
+    c.close()
+
+
+def backup(repo, url, *, patterns=("*",), only=None, source="agents"):
+    src = RedisSource(RedisSourceSettings(kind="redis", url=url, patterns=list(patterns)))
+    with src.open(only=only) as cut:
+        writer = repo.begin_snapshot(source, "redis", source_info=cut.source_info)
+        for item in cut.items():
+            cut.backup_item(item, writer)
+        manifest = writer.commit(cut.cut_time, extra_info=cut.source_info)
+    return manifest, writer.stats
+
+
+def run_restore(target, repo, manifest, *, only=(), mode="new", ttl="keep"):
+    """plan -> restore -> (plan, expected (count, digest), read-back (count, digest)) per item."""
+    options = RestoreOptions(mode=mode, ttl=ttl)
+    results = []
+    for plan in target.plan(manifest, only=list(only), into=None, mode=mode):
+        def records():
+            for r in repo.iter_records(plan.item):
+                if plan.record_filter is None or plan.record_filter(r):
+                    yield r
+
+        target.restore(plan, records(), options)
+        keep = target.written_filter(plan, options)
+        expected = digest_records(target.canonical(plan.item, r) for r in records() if keep is None or keep(r))
+        got = digest_records(target.canonical(plan.item, r) for r in target.read_back(plan))
+        results.append((plan, expected, got))
+    return results
+
+
+@pytest.fixture
+def repo(file_repo_url):
+    return open_repository(file_repo_url, create=True, config=SMALL_CHUNKS)
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Split collections past 50 elements so the multi-record path runs on small data."""
+    monkeypatch.setattr(redis_source, "PART_SIZE", 50)
+
+
+@pytest.fixture
+def own_db(request, fresh_redis_url):
+    """A flushed DB on a session server, flushed again afterwards (that DB only)."""
+    def take(server):
+        url = fresh_redis_url(request.getfixturevalue(server) if isinstance(server, str) else server)
+        request.addfinalizer(lambda: redis.Redis.from_url(url).flushdb())
+        return url
+    return take
+
+
+# ---- record format -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [b"plain", b'q"uo\\te","t":"x', "ünï".encode(), b"\xff\x00bin", b""])
+def test_record_key_and_head_decode_only_the_key(key):
+    from backup.sources.redis_records import encode_record
+
+    record, canon = encode_record(key, "list", [{"x": 1}, ',"x":5}'], 1795696330104, part=2)
+    assert record_key(record) == key
+    assert record_head(record) == (key, "list", 2, 1795696330104)
+    assert canonical(record) == canon
+    assert orjson.loads(canon) == {k: v for k, v in orjson.loads(record).items() if k != "x"}
+
+
+def test_glob_matcher_agrees_with_redis_scan_match(redis_url):
+    keys = [b"history:u42", b"history:u421", b"history:u42:1", b"h?st", b"hist", b"a*b", b"axb", b"[x]",
+            b"x", b"b", b"-", b"\\", b"\xff", b"user:9", b"user:a", b"caf\xc3\xa9"]
+    patterns = ["history:u42", "history:u42*", "h?st", "h\\?st", "a\\*b", "[a-c]", "[^a-c]", "[c-a]", "\\[x\\]",
+                "user:[0-9]", "user:[^0-9]", "*", "[\\-]", "*\\\\*", "caf?*", "[]"]
+    c = redis.Redis.from_url(redis_url)
+    for k in keys:
+        c.set(k, 1)
+    for p in patterns:
+        server = set(c.scan_iter(match=p, count=1000))
+        ours = {k for k in keys if KeyMatcher([p])(k)} if any(ch in p for ch in "*?[\\") else {k for k in keys if k == p.encode()}
+        assert ours == server, p
+
+
+def test_sorted_unique_spills_runs_and_merges_without_duplicates():
+    names = [f"k{i % 997:04d}".encode() for i in range(5000)]
+    assert list(sorted_unique(names, run_limit=100)) == sorted(set(names))
+
+
+# ---- backup + restore --------------------------------------------------------------------
+
+def test_round_trip_every_type_on_redis7(redis_url, fresh_redis_url, repo, small_parts):
+    fill(redis_url)
+    before = typed_dump(redis_url)
+    manifest, _ = backup(repo, redis_url)
+    item = manifest.items[0]
+    assert (item.name, item.kind, item.format) == ("*", "keys", FORMAT)
+    assert item.records > len(before)  # big collections were split into parts
+    assert manifest.source_info["server"] == "redis" and manifest.source_info["scan_finished_at"]
+    records = list(repo.iter_records(item))
+    assert [record_key(r) for r in records] == sorted(record_key(r) for r in records)
+    assert sum(1 for r in records if record_key(r) == b"list:big") == 3
+
+    redis.Redis.from_url(redis_url).flushdb()
+    target = RedisTarget(redis_url)
+    [(plan, expected, got)] = run_restore(target, repo, manifest)
+    assert expected == got == (item.records, item.digest)
+    assert plan.details["expired"] == 0
+    assert_same_state(before, typed_dump(redis_url))
+    assert target.verify_ttls(plan, repo.iter_records(item))["passed"]
+    report = target.diff(plan, repo.iter_records(item))
+    assert report["passed"] and report["ok"] == len(before)
+    target.close()
+
+
+@pytest.mark.parametrize("source_server, target_server", [
+    ("redis_server", "redis6_server"), ("redis_server", "valkey_server"),
+    ("valkey_server", "redis_server"), ("redis6_server", "redis_server"),
+])
+def test_cross_version_restore(source_server, target_server, own_db, repo, small_parts):
+    src, dst = own_db(source_server), own_db(target_server)
+    fill(src)
+    before = typed_dump(src)
+    manifest, _ = backup(repo, src)
+    [(plan, expected, got)] = run_restore(RedisTarget(dst), repo, manifest)
+    assert expected == got == (manifest.items[0].records, manifest.items[0].digest)
+    assert_same_state(before, typed_dump(dst))
+
+
+def test_a_key_matching_two_patterns_belongs_to_the_first(redis_url, repo):
+    c = redis.Redis.from_url(redis_url)
+    c.set("history:u1", "a")
+    c.set("session:1", "b")
+    manifest, _ = backup(repo, redis_url, patterns=["history:*", "*"])
+    keys = {i.name: [record_key(r) for r in repo.iter_records(i)] for i in manifest.items}
+    assert keys == {"history:*": [b"history:u1"], "*": [b"session:1"]}
+
+
+def _users(c, users=50, messages=5, ttl_ms=30 * 86_400_000):
+    for u in range(users):
+        c.rpush(f"history:u{u}", *[f"u{u} message {m}" for m in range(messages)])
+        c.pexpire(f"history:u{u}", ttl_ms)
+        c.hset(f"history:u{u}:meta", mapping={"name": f"user {u}", "turns": messages})
+
+
+def test_partial_replace_restores_one_user_and_leaves_the_others(redis_url, repo):
+    c = redis.Redis.from_url(redis_url)
+    _users(c)
+    c.set("config:model", "gpt")
+    snapshot_u42 = {k: v for k, v in typed_dump(redis_url).items() if k.startswith(b"history:u42")}
+    manifest, _ = backup(repo, redis_url, patterns=["history:*", "*"])
+
+    # life goes on: u42's history is corrupted, others change too
+    c.rpush("history:u42", "bad turn")
+    c.hset("history:u42:meta", "turns", 999)
+    c.set("history:u42:scratch", "created after the snapshot")
+    c.rpush("history:u7", "new turn of u7")
+    c.delete("history:u3")
+    c.set("config:model", "changed")
+    others_before = {k: v for k, v in typed_dump(redis_url).items() if not k.startswith(b"history:u42")}
+
+    only = ["history:u42", "history:u42:*"]
+    target = RedisTarget(redis_url)
+    with pytest.raises(TargetNotEmptyError):
+        target.plan(manifest, only=only, into=None, mode="new")
+    results = run_restore(target, repo, manifest, only=only, mode="replace")
+    assert [p.target for p, _, _ in results] == ["history:*"]  # "*" cannot hold history: keys
+    [(plan, expected, got)] = results
+    assert plan.backup_selector == only and plan.live_records == 3
+    assert expected == got and expected[0] == 2
+    assert plan.details["deleted_extra"] == 1
+    after = typed_dump(redis_url)
+    assert {k: v for k, v in after.items() if k.startswith(b"history:u42")}.keys() == snapshot_u42.keys()
+    assert_same_state(snapshot_u42, {k: v for k, v in after.items() if k.startswith(b"history:u42")})
+    assert {k: v for k, v in after.items() if not k.startswith(b"history:u42")} == others_before
+
+
+def test_mode_new_onto_existing_keys_is_refused_and_changes_nothing(redis_url, fresh_redis_url, repo):
+    c = redis.Redis.from_url(redis_url)
+    _users(c, users=5)
+    manifest, _ = backup(repo, redis_url)
+    other = fresh_redis_url()
+    o = redis.Redis.from_url(other)
+    o.set("history:u2", "live data")
+    o.set("unrelated", "x")
+    before = typed_dump(other)
+    with pytest.raises(TargetNotEmptyError) as caught:
+        RedisTarget(other).plan(manifest, only=[], into=None, mode="new")
+    assert "2 key(s)" in caught.value.message and "'history:u2'" in caught.value.message
+    assert typed_dump(other) == before
+    # a partial restore whose scope is still empty on the target is fine
+    [(plan, expected, got)] = run_restore(RedisTarget(other), repo, manifest, only=["history:u4*"])
+    assert expected == got and expected[0] == 2
+    assert o.get("history:u2") == b"live data"
+
+
+def test_swap_and_into_are_usage_errors(redis_url, repo):
+    redis.Redis.from_url(redis_url).set("k", "v")
+    manifest, _ = backup(repo, redis_url)
+    target = RedisTarget(redis_url)
+    with pytest.raises(UsageError, match="atomic switch") as caught:
+        target.plan(manifest, only=[], into=None, mode="swap")
+    assert "replace" in caught.value.hint
+    with pytest.raises(UsageError, match="--into"):
+        target.plan(manifest, only=[], into="other", mode="replace")
+    assert target.supports_swap is False
+
+
+def test_ttl_keep_skips_keys_expiring_before_the_cutoff_and_reports_them(redis_url, fresh_redis_url, repo):
+    c = redis.Redis.from_url(redis_url)
+    c.set("long", "a", px=3_600_000)
+    c.set("minute", "b", px=60_000)      # inside the default 300 s margin
+    c.set("brief", "c", px=400)
+    c.set("forever", "d")
+    manifest, _ = backup(repo, redis_url)
+    snap = {record_key(r): record_head(r)[3] for r in repo.iter_records(manifest.items[0])}
+    time.sleep(0.5)                       # "brief" has expired since the backup
+
+    dst = fresh_redis_url()
+    [(plan, expected, got)] = run_restore(RedisTarget(dst, expiry_margin_s=0), repo, manifest)
+    assert expected == got and expected[0] == 3
+    assert plan.details["expired"] == 1 and plan.details["expired_examples"] == ["brief"]
+    d = redis.Redis.from_url(dst)
+    assert d.execute_command("PEXPIRETIME", "long") == snap[b"long"]
+    assert d.execute_command("PEXPIRETIME", "minute") == snap[b"minute"]
+    assert d.pttl("forever") == -1 and not d.exists("brief")
+
+    dst2 = fresh_redis_url()
+    target = RedisTarget(dst2)            # default margin: "minute" would expire mid-verification
+    [(plan, expected, got)] = run_restore(target, repo, manifest)
+    assert expected == got and expected[0] == 2
+    assert sorted(plan.details["expired_examples"]) == ["brief", "minute"]
+    report = target.verify_ttls(plan, repo.iter_records(manifest.items[0]))
+    assert report["passed"] and report["skipped_expired"] == 2 and report["ok"] == 2
+
+
+def test_ttl_reset_reapplies_the_length_and_none_persists(redis_url, fresh_redis_url, repo):
+    c = redis.Redis.from_url(redis_url)
+    c.set("session", "a", px=3_600_000)
+    c.set("forever", "b")
+    manifest, _ = backup(repo, redis_url)
+    length = record_head(next(r for r in repo.iter_records(manifest.items[0]) if b"session" in r))[3] \
+        - int(manifest.cut_time.timestamp() * 1000)
+    time.sleep(3)                         # with keep, the remaining TTL would now be 3 s shorter
+
+    reset_url = fresh_redis_url()
+    target = RedisTarget(reset_url)
+    [(plan, expected, got)] = run_restore(target, repo, manifest, ttl="reset")
+    assert expected == got and plan.details["expired"] == 0
+    remaining = redis.Redis.from_url(reset_url).pttl("session")
+    assert length - 1000 <= remaining <= length
+    assert redis.Redis.from_url(reset_url).pttl("forever") == -1
+    assert target.verify_ttls(plan, repo.iter_records(manifest.items[0]))["passed"]
+
+    none_url = fresh_redis_url()
+    target = RedisTarget(none_url)
+    [(plan, expected, got)] = run_restore(target, repo, manifest, ttl="none")
+    assert expected == got and expected[0] == 2
+    assert redis.Redis.from_url(none_url).pttl("session") == -1
+    assert target.verify_ttls(plan, repo.iter_records(manifest.items[0]))["passed"]
+
+
+def test_diff_classifies_every_kind_of_difference(redis_url, fresh_redis_url, repo):
+    c = redis.Redis.from_url(redis_url)
+    for k in ("gone", "changed", "retyped", "ttl", "same"):
+        c.set(k, "v", px=3_600_000)
+    manifest, _ = backup(repo, redis_url)
+    dst = fresh_redis_url()
+    target = RedisTarget(dst)
+    [(plan, expected, got)] = run_restore(target, repo, manifest)
+    assert expected == got
+    d = redis.Redis.from_url(dst)
+    d.delete("gone")
+    d.set("changed", "other", keepttl=True)
+    d.delete("retyped")
+    d.rpush("retyped", "v")
+    d.pexpire("ttl", 60_000)
+    d.set("extra", "x")
+    report = target.diff(plan, repo.iter_records(manifest.items[0]))
+    found = {cat: [e["key"] for e in report[cat]["examples"]]
+             for cat in ("missing", "extra", "type_differs", "value_differs", "ttl_differs")}
+    assert found == {"missing": ["gone"], "extra": ["extra"], "type_differs": ["retyped"],
+                     "value_differs": ["changed"], "ttl_differs": ["ttl"]}
+    assert report["ok"] == 1 and not report["passed"]
+    quick = target.verify_ttls(plan, repo.iter_records(manifest.items[0]))
+    assert (quick["missing"]["count"], quick["type_differs"]["count"], quick["ttl_differs"]["count"]) == (1, 1, 1)
+
+
+def test_unchanged_keyspace_dedups_and_a_few_users_cost_a_few_chunks(redis_url, repo):
+    c = redis.Redis.from_url(redis_url)
+    pipe = c.pipeline(transaction=False)
+    for u in range(400):
+        for m in range(25):
+            pipe.set(f"history:u{u:03d}:{m:03d}", f"user {u} turn {m}: " + "lorem ipsum " * 20, px=30 * 86_400_000)
+    pipe.execute()
+    first, stats1 = backup(repo, redis_url)
+    second, stats2 = backup(repo, redis_url)
+    assert second.items[0].digest == first.items[0].digest
+    assert stats2.bytes_uploaded <= 0.01 * stats1.bytes_uploaded
+
+    for u in (17, 230):                   # 2 users append 50 turns each: 1% of the keys
+        for m in range(25, 75):
+            c.set(f"history:u{u:03d}:{m:03d}", f"user {u} turn {m}: " + "dolor sit " * 20, px=30 * 86_400_000)
+    third, stats3 = backup(repo, redis_url)
+    assert third.items[0].records == first.items[0].records + 100
+    assert 0 < stats3.bytes_uploaded <= 0.05 * stats1.bytes_uploaded
+
+
+def test_unreachable_server_is_a_retryable_source_error():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(SourceError) as caught:
+        with RedisSource(RedisSourceSettings(kind="redis", url=url)).open():
+            pass
+    assert caught.value.retryable
+    with pytest.raises(SourceError) as caught:
+        RedisTarget(url).connection()
+    assert caught.value.retryable
+
+
+def test_record_key_is_json_safe_for_binary_keys(redis_url, repo):
+    redis.Redis.from_url(redis_url).set(b"\xff\xfe", "v")
+    manifest, _ = backup(repo, redis_url)
+    [record] = list(repo.iter_records(manifest.items[0]))
+    key = RedisTarget(redis_url).record_key(manifest.items[0], record)
+    assert key == display_key(b"\xff\xfe") == "b64://4="
+    orjson.dumps(key)

@@ -1,0 +1,155 @@
+"""The repository through its Python API, on both stores: write, read back, dedup, resolve."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import orjson
+import pytest
+
+from snapshots import codec
+from snapshots.errors import ManifestError, NotFoundError, UsageError
+from snapshots.manifest import RepoConfig, utcnow
+from snapshots.repository import open_repository
+
+SMALL_CHUNKS = dict(chunk_avg_size=16 << 10, chunk_min_size=4 << 10, chunk_max_size=64 << 10)
+
+
+@pytest.fixture
+def repo(repo_url):
+    return open_repository(repo_url, create=True, config=RepoConfig(id="t", created_at=utcnow(), **SMALL_CHUNKS))
+
+
+def memory_rows(n: int, *, user: str = "u", start: int = 0) -> list[bytes]:
+    """JSON lines like a memories table: deterministic, varied, compressible."""
+    return [orjson.dumps({"id": i, "user": f"{user}{i % 37}", "text": f"remembers fact {i * 7919 % 10007} " * (1 + i % 5),
+                          "score": (i % 101) / 100}) + b"\n" for i in range(start, start + n)]
+
+
+def write(repo, source: str, items: dict[str, list[bytes]], *, cut=None, canonical=None):
+    writer = repo.begin_snapshot(source, "postgres", tags=["t1"])
+    for name, records in items.items():
+        with writer.item(name, "table", "jsonl", schema={"columns": ["id", "user", "text"]}) as w:
+            for r in records:
+                w.add(r, canonical(r) if canonical else None)
+    manifest = writer.commit(cut or utcnow())
+    return manifest, writer.stats
+
+
+def test_snapshot_round_trip_reads_back_identical_records_and_digest(repo):
+    rows = memory_rows(4000)
+    notes = memory_rows(50, user="n")
+    manifest, stats = write(repo, "memory", {"public.memories": rows, "public.notes": notes})
+
+    loaded = repo.load_manifest(manifest.id)
+    assert loaded == manifest
+    item = loaded.item("public.memories")
+    assert len(item.chunks) > 5, "the test needs a multi-chunk item"
+    assert sum(c.records for c in item.chunks) == len(rows)
+    assert list(repo.iter_records(item)) == rows
+    assert list(repo.iter_records(loaded.item("public.notes"))) == notes
+    count, digest = codec.digest_records(rows)
+    assert (item.records, item.digest) == (count, digest)
+    assert item.bytes == sum(len(r) for r in rows)
+    assert stats.chunks_new == stats.chunks == len({c.id for i in loaded.items for c in i.chunks})
+    assert 0 < item.stored_bytes < item.bytes  # compressed
+    # the order-independent digest: the same multiset in another order has the same digest
+    assert codec.digest_records(reversed(rows))[1] == item.digest
+    assert codec.digest_records(rows[:-1])[1] != item.digest
+    assert loaded.tags == ["t1"] and loaded.item("public.memories").schema == {"columns": ["id", "user", "text"]}
+
+
+def test_chunks_are_plain_zstd_frames_named_by_the_hash_of_their_content(repo):
+    manifest, _ = write(repo, "memory", {"t": memory_rows(800)})
+    ref = manifest.items[0].chunks[0]
+    blob = repo.store.get(codec.chunk_key(ref.id))
+    import zstandard
+
+    data = zstandard.ZstdDecompressor().decompress(blob)
+    assert codec.chunk_id(data) == ref.id
+    assert (len(data), len(blob)) == (ref.size, ref.stored)
+
+
+def test_digest_covers_the_canonical_form_when_given(repo):
+    rows = memory_rows(300)
+    canon = lambda r: r.upper()  # noqa: E731 - e.g. a Redis record without its TTL
+    manifest, _ = write(repo, "history", {"keys": rows}, canonical=canon)
+    item = manifest.items[0]
+    assert item.digest == codec.digest_records(canon(r) for r in rows)[1]
+    assert list(repo.iter_records(item)) == rows  # the stored records are the originals
+
+
+def test_identical_second_snapshot_uploads_no_new_chunks(repo):
+    rows = memory_rows(4000)
+    first, s1 = write(repo, "memory", {"public.memories": rows})
+    second, s2 = write(repo, "memory", {"public.memories": rows})
+    assert s1.chunks_new > 5
+    assert (s2.chunks_new, s2.bytes_uploaded) == (0, 0)
+    assert s2.bytes_deduplicated == s2.bytes_read == sum(len(r) for r in rows)
+    assert second.items[0].chunks == first.items[0].chunks  # ids, sizes and stored sizes
+    assert second.stored_bytes == first.stored_bytes > 0
+    assert second.id != first.id
+    assert list(repo.iter_records(second.items[0])) == rows
+
+
+def test_dedup_across_sources_and_a_small_change_costs_few_chunks(repo):
+    rows = memory_rows(4000)
+    first, _ = write(repo, "memory", {"t": rows})
+    # another source has no previous snapshot to trust: the store is asked, and still nothing is uploaded
+    _, other = write(repo, "memory-copy", {"t": rows})
+    assert other.chunks_new == 0
+    assert repo.resolve("latest", source="memory-copy").items[0].chunks == first.items[0].chunks
+    changed = list(rows)
+    changed[2000] = orjson.dumps({"id": 2000, "text": "edited"}) + b"\n"
+    third, s3 = write(repo, "memory", {"t": changed})
+    assert 1 <= s3.chunks_new <= 3, s3
+    assert s3.chunks_new < len(third.items[0].chunks) // 4
+    assert list(repo.iter_records(third.items[0])) == changed
+
+
+def test_resolve_latest_prefix_ambiguous_and_at(repo):
+    t0 = utcnow()
+    a, _ = write(repo, "memory", {"t": memory_rows(10)}, cut=t0 - timedelta(hours=3))
+    b, _ = write(repo, "memory", {"t": memory_rows(10, start=10)}, cut=t0 - timedelta(hours=2))
+    c, _ = write(repo, "memory", {"t": memory_rows(10, start=20)}, cut=t0 - timedelta(hours=1))
+    h, _ = write(repo, "history", {"k": memory_rows(5)}, cut=t0)
+
+    assert repo.resolve("latest").id == h.id
+    assert repo.resolve("latest", source="memory").id == c.id
+    assert repo.resolve(a.id).id == a.id
+    assert repo.resolve(b.id[:-1]).id == b.id  # a unique prefix
+    with pytest.raises(UsageError, match="ambiguous") as exc:
+        repo.resolve(a.id[:8], source="memory")  # the date: shared by all three
+    assert not isinstance(exc.value, NotFoundError)
+    assert repo.resolve("latest", source="memory", at=t0 - timedelta(minutes=90)).id == b.id
+    assert repo.resolve("latest", source="memory", at=t0 - timedelta(hours=3)).id == a.id
+    with pytest.raises(NotFoundError):
+        repo.resolve("latest", source="memory", at=t0 - timedelta(hours=4))
+    with pytest.raises(UsageError, match="belongs to source"):
+        repo.resolve(h.id, source="memory")
+    with pytest.raises(NotFoundError):
+        repo.resolve("latest", source="no-such-source")
+    assert [m.id for m in repo.list_snapshots(source="memory")] == [a.id, b.id, c.id]
+
+
+def test_unknown_and_malformed_snapshot_ids(repo):
+    write(repo, "memory", {"t": memory_rows(10)})
+    with pytest.raises(NotFoundError, match="20990101T000000Z-deadbeef"):
+        repo.resolve("20990101T000000Z-deadbeef")
+    with pytest.raises(NotFoundError):
+        repo.load_manifest("20990101T000000Z-deadbeef")
+    with pytest.raises(NotFoundError):
+        repo.resolve("20990101")  # a well-formed prefix nothing has
+    for bad in ("not-an-id", "../snapshots/x", "20990101T000000Z-DEADBEEF", ""):
+        with pytest.raises(UsageError) as exc:
+            repo.load_manifest(bad)
+        assert exc.value.exit_code == 2
+
+
+def test_a_renamed_manifest_is_refused(repo):
+    m, _ = write(repo, "memory", {"t": memory_rows(10)})
+    fake = "20990101T000000Z-00000000"
+    repo.store.put(f"snapshots/{fake}.json", repo.store.get(f"snapshots/{m.id}.json"))
+    with pytest.raises(ManifestError, match="renamed or tampered"):
+        repo.load_manifest(fake)
+    assert [x.id for x in repo.list_snapshots()] == [m.id]
+    assert len(repo.manifest_errors) == 1
