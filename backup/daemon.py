@@ -5,9 +5,8 @@ One `Daemon` holds the jobs (daemon_jobs.plan_jobs), runs each tick of each job 
 
 * production: `start()` runs APScheduler 3 (BackgroundScheduler, the configured timezone,
   `coalesce=True`, `max_instances=1`, `misfire_grace_time`), with a croniter trigger (cron
-  weekday numbering, see backup/schedule.py) and
-  `TickExecutor`, which hands each run the tick APScheduler scheduled it for (APScheduler
-  itself does not pass it to the job).
+  weekday numbering, see backup/schedule.py) and `TickExecutor`, which hands each run the
+  tick APScheduler scheduled it for (APScheduler itself does not pass it to the job).
 * tests: `run_due(now)` evaluates the same schedules at a given instant with APScheduler's
   coalescing and misfire rules (`schedule.due_run`) and starts due jobs in threads.
 
@@ -38,7 +37,6 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from traceback import format_exc
 from typing import Callable
@@ -49,8 +47,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from backup.daemon_jobs import (JOB_BODIES, JobReport, JobSpec, load_drill, load_status, plan_jobs, save_status,
-                                status_record)
+from backup.daemon_jobs import (JOB_BODIES, JobOutcome, JobReport, JobSpec, load_drill, load_status, open_repo,
+                                plan_jobs, save_status, status_record)
 from backup.metrics import DaemonMetrics, MetricsServer
 from backup.schedule import CroniterTrigger, TickExecutor, due_run, initial_next_run, is_misfire
 from snapshots.errors import LockedError, StatevaultError
@@ -67,23 +65,6 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _open_repo(settings: Settings):
-    from snapshots.repository import open_repository
-
-    return open_repository(settings.repository, create=True)
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    job: str
-    tick: datetime
-    result: str            # ok | failed | aborted | skipped_claimed | skipped_locked | skipped_running | missed
-    run_id: str = "-"
-    duration: float = 0.0
-    error: str | None = None
-    detail: dict = field(default_factory=dict)
-
-
 class Daemon:
     """The scheduler-independent core. `settings` are replaced only by `reload()`."""
 
@@ -95,7 +76,7 @@ class Daemon:
             from backup.job import run_backup as backup_fn
         self.backup_fn = backup_fn
         self.drill_fn = load_drill() if drill_fn is _LAZY else drill_fn
-        self.repo_factory = repo_factory or _open_repo
+        self.repo_factory = repo_factory or open_repo
         self.metrics = metrics or DaemonMetrics()
         self.owner = owner or default_owner()
         self.clock = clock

@@ -57,12 +57,31 @@ class JobSpec:
     source: str | None = None
 
 
+@dataclass(frozen=True)
+class JobOutcome:
+    """What happened to one tick of one job on this daemon."""
+
+    job: str
+    tick: datetime
+    result: str            # ok | failed | aborted | skipped_claimed | skipped_locked | skipped_running | missed
+    run_id: str = "-"
+    duration: float = 0.0
+    error: str | None = None
+    detail: dict = field(default_factory=dict)
+
+
 @dataclass
 class JobReport:
     ok: bool
     error: str | None = None
     aborted: bool = False
     detail: dict = field(default_factory=dict)
+
+
+def open_repo(settings: Settings) -> "Repository":
+    from snapshots.repository import open_repository
+
+    return open_repository(settings.repository, create=True)
 
 
 def load_drill() -> Callable | None:

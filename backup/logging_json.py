@@ -55,8 +55,8 @@ def configure_json_logging(level: str | int = "INFO", stream: IO[str] | None = N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # APScheduler logs every submission at INFO; our own job events say more
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # APScheduler logs submissions and max-instance skips; our job events say the same with run ids
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler

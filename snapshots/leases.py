@@ -149,7 +149,7 @@ class Lease:
                               + (f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""))
         for obj in self.store.list(f"locks/{self.name}"):  # older generations are expired: tidy up
             m = _X.match(obj.key.rsplit("/", 1)[-1])
-            if m and int(m.group(1)) < top:
+            if m and int(m.group(1)) <= top:
                 self.store.delete(obj.key)
 
     def _acquire_shared(self) -> None:
@@ -160,12 +160,27 @@ class Lease:
             self.release()
             raise LockedError(f"repository is locked: {holder.describe()}")
 
+    def _superseded(self) -> bool:
+        """Our exclusive generation is gone, or a newer one exists: we expired and were taken over.
+
+        Checking only that our own object exists is not enough: a holder that stalled past its
+        ttl (GC pause, SIGSTOP, suspended VM) would find it still there and refresh on as a
+        zombie beside the new holder.
+        """
+        mine, present = int(_X.match(self.key.rsplit("/", 1)[-1]).group(1)), False
+        for obj in self.store.list(f"locks/{self.name}"):
+            m = _X.match(obj.key.rsplit("/", 1)[-1])
+            if m and int(m.group(1)) > mine:
+                return True
+            present = present or obj.key == self.key
+        return not present
+
     def _refresh_loop(self) -> None:
         while not self._stop.wait(max(self.ttl / 3, 0.05)):
             try:
                 if self.key is None:
                     return
-                if self.exclusive and not self.store.exists(self.key):
+                if self.exclusive and self._superseded():
                     self.lost = True
                     return
                 self.store.put(self.key, self._body())

@@ -15,28 +15,41 @@ table is outside the configured patterns. An `only` name that is not a table is 
 
 The cut: the first statement of the transaction takes the snapshot; `cut_time` is that
 statement's `statement_timestamp()` (UTC), taken a hair before the snapshot: every row
-committed before `cut_time` is in the snapshot, nothing committed after the snapshot is. Every selected table is then
-locked ACCESS SHARE (as pg_dump does) so a concurrent DROP or ALTER waits for the backup
-instead of breaking it; the lock wait is bounded by lock_timeout (a retryable error).
-Sequences are not transactional: their values are read when the table is described, at or
-after the cut, which is what a restore needs (new ids never collide with restored rows).
+committed before `cut_time` is in the snapshot, nothing committed after the snapshot is.
+Every selected table is then locked ACCESS SHARE (as pg_dump does) so a concurrent DROP or
+ALTER waits for the backup instead of breaking it; the wait is bounded by lock_timeout
+(a retryable error). Sequences are not transactional: their values are read when the table
+is described, at or after the cut, which is what a restore needs (new ids never collide).
 
 Record format "pg-copy-text" (item kind "table"): each record is one row exactly as
 PostgreSQL's `COPY ... TO STDOUT` text format prints it under the session settings of
-backup.sources.postgres_schema (UTF-8, ISO dates, UTC, hex bytea): the item's
-schema["copy_columns"] in that order, separated by a tab, NULL as `\\N`, backslash, tab,
-newline, carriage return and other control characters backslash-escaped, terminated by
-"\\n". Stored generated columns are not in the records (they are recomputed on restore).
+backup.sources.postgres_schema (UTF-8, ISO dates, UTC, hex bytea, shortest exact floats):
+the columns of schema["copy_columns"] in that order, separated by a tab, NULL as `\\N`,
+backslash and control characters (tab, newline, carriage return, ...) backslash-escaped,
+terminated by "\\n". Stored generated columns are not in the records (restore recomputes
+them); rows of inheritance children are not either (`FROM ONLY`: each child is its own item).
 Rows come in the order of schema["order_by"] (the primary key, or every column when the
-table has none), in byte order (see postgres_schema), so an unchanged table produces the
-same bytes and the same chunks on every backup. A chunk is therefore a valid COPY input:
-`zstd -dc chunk... | psql -c "COPY t (cols) FROM STDIN"` restores a table without statevault.
+table has none; numbers numerically, text in byte order, NULLs last: see postgres_schema),
+so an unchanged table gives the same bytes, hence the same chunks, on every backup. A
+chunk is a valid COPY input: `zstd -dc <chunks> | psql -c "COPY t (<copy_columns>) FROM
+STDIN"` reloads a table without statevault.
 
-The item schema (JSON, schema_version 1) holds the table's columns (name, format_type,
-not null, default expression, identity, generation expression, collation), primary key,
-unique/check/exclusion constraints, foreign keys, other indexes (their `USING ...` part),
-the sequences the table owns or whose nextval its defaults call (options, last_value,
-is_called), the enum types it uses (labels in order) and the extensions providing its types.
+The item schema (JSON, "schema_version": 1):
+
+    table          {"schema", "name"} as backed up;  unlogged  bool
+    columns        [{"name", "type" (format_type), "not_null", "default" (expression or null),
+                     "identity" ("always" | "by default" | null), "generated" (expression of a
+                     stored generated column, or null), "collation" (when not the type's),
+                     "serial" (only on serial columns: the owned sequence behind the default)}]
+    copy_columns   the record's columns;  primary_key  column names ([] when none)
+    order_by       [{"column", "kind"}]: int | numeric | float | plain | collated | text
+    constraints    [{"name", "type" (p, u, c, x), "definition" (pg_get_constraintdef)}]
+    foreign_keys   [{"name", "definition", "references": {"schema", "name"}, "references_sql"}]
+    indexes        [{"name", "unique", "using" (pg_get_indexdef after "ON <table> ")}]
+    sequences      [{"schema", "name", "type", "start", "increment", "min", "max", "cache",
+                     "cycle", "last_value", "is_called", "owned_by" (column or null: a shared
+                     sequence a default calls), "identity"}]
+    enums          [{"schema", "name", "labels" (in sort order)}];  extensions  [name]
 """
 from __future__ import annotations
 
@@ -48,7 +61,7 @@ from typing import Any, Iterator
 from backup.sources.base import ItemSpec
 from backup.sources.postgres_schema import (FORMAT, connect, copy_out_sql, describe_table, list_tables, pg_errors,
                                             resolve_table_name)
-from snapshots.errors import NotFoundError
+from snapshots.errors import NotFoundError, SourceError
 from snapshots.settings import PostgresSource as PostgresSettings
 from snapshots.settings import redact_url
 from snapshots.writer import SnapshotWriter
@@ -126,6 +139,7 @@ class PostgresSource:
     def open(self, only: list[str] | None = None) -> Iterator[PostgresCut]:
         """Open the consistent cut; raises SourceError (retryable when transient) if the server
         cannot be reached, NotFoundError for an `only` name that is not a table."""
+        import psycopg
         from psycopg import IsolationLevel, sql
 
         url = self.settings.url
@@ -142,8 +156,11 @@ class PostgresSource:
                     "pg_catalog.txid_current_snapshot()::text").fetchone()
                 tables = select_tables(list_tables(conn), self.settings.tables, self.settings.exclude, only)
                 if tables:
-                    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
-                        sql.SQL(", ").join(sql.Identifier(s, t) for _, s, t in tables)))
+                    try:
+                        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                            sql.SQL(", ").join(sql.Identifier(s, t) for _, s, t in tables)))
+                    except psycopg.errors.UndefinedTable:
+                        raise SourceError("a table was dropped while the backup started", retryable=True) from None
                 info = {"server_version": version, "server_version_num": version_num, "database": database,
                         "snapshot": snapshot}
                 yield PostgresCut(conn, url, tables, cut_time.astimezone(timezone.utc), info)

@@ -24,7 +24,7 @@ table has no primary key. Each key column has a kind that fixes how it is ordere
     int      int2/int4/int8/oid       natural order          int(field)
     numeric  numeric                  natural order          Decimal(field) (NaN last)
     float    float4/float8            natural order          float(field) (NaN last)
-    plain    uuid, bytea, bool, date, time(tz), timestamp(tz): text order equals natural order
+    plain    uuid, bytea, bool, date, time, timestamp(tz): their text order is their natural order
     collated text, varchar, char      natural order under a C/POSIX collation, else COLLATE "C"
     text     anything else (jsonb, arrays, ...): ORDER BY (col)::text COLLATE "C"
 
@@ -58,7 +58,7 @@ STAGING_PREFIX = "statevault_staging_"
 _KIND_BY_TYPE = {
     "int2": "int", "int4": "int", "int8": "int", "oid": "int", "numeric": "numeric", "float4": "float",
     "float8": "float", "uuid": "plain", "bytea": "plain", "bool": "plain", "date": "plain", "time": "plain",
-    "timetz": "plain", "timestamp": "plain", "timestamptz": "plain", "text": "collated", "varchar": "collated",
+    "timestamp": "plain", "timestamptz": "plain", "text": "collated", "varchar": "collated",
     "bpchar": "collated",
 }
 _AUTH = re.compile(r"authentication failed|no password supplied|pg_hba\.conf|role \".*\" does not exist", re.I)
@@ -377,14 +377,15 @@ def order_by_sql(order: list[dict[str, str]], bytewise: set[str]):
 
 
 def copy_out_sql(schema_dict: dict[str, Any], target_schema: str, target_name: str, bytewise: set[str]):
-    """COPY (SELECT <copy columns> FROM tbl ORDER BY <key>) TO STDOUT, text format."""
+    """COPY (SELECT <copy columns> FROM ONLY tbl ORDER BY <key>) TO STDOUT, text format."""
     from psycopg import sql
 
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in schema_dict["copy_columns"])
     tail = sql.SQL("")
     if schema_dict["order_by"]:
         tail = sql.SQL(" ORDER BY {}").format(order_by_sql(schema_dict["order_by"], bytewise))
-    return sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
+    # ONLY: rows of inheritance children are their own tables' items
+    return sql.SQL("COPY (SELECT {} FROM ONLY {}{}) TO STDOUT").format(
         cols, sql.Identifier(target_schema, target_name), tail)
 
 

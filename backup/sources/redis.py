@@ -9,7 +9,8 @@ How a cut is read
   by raw bytes (redis_keys.sorted_unique: in memory up to 1M names, ~100 bytes each, then
   sorted runs spilled to temp files), so records come in a deterministic order and unchanged
   keys dedup.
-- Values: pipelined batches of BATCH_SIZE keys, two round trips per batch: TYPE + expiry
+- Values: batches of BATCH_SIZE keys, two pipelined round trips per batch (redis_client.
+  execute_many, which packs and parses RESP2 itself for speed): TYPE + expiry
   (PEXPIRETIME on Redis >= 7 / Valkey; on 6.2 PTTL bracketed by TIME, retried until both TIMEs
   fall in the same millisecond so the absolute expiry is exact), then the value by type (GET,
   LRANGE, HSCAN, SSCAN, ZRANGE WITHSCORES, XRANGE + XINFO). Lists, zsets and streams longer
@@ -32,8 +33,9 @@ from datetime import datetime, timezone
 from typing import Iterable, Iterator
 
 from backup.sources.base import ItemSpec
-from backup.sources.redis_keys import (Scope, ServerInfo, connect, redis_errors, server_info,
-                                       server_time_ms)
+from backup.sources.redis_client import (ServerInfo, connect, execute_many, raise_first_error, redis_errors,
+                                         server_info, server_time_ms)
+from backup.sources.redis_keys import Scope
 from backup.sources.redis_records import (FORMAT, PART_SIZE, TYPES, encode_record, enc, flat_to_dict,
                                           list_value, stream_entries, stream_groups, zset_value)
 from snapshots.errors import SourceError
@@ -77,22 +79,19 @@ class KeyReader:
 
     # ---- round trip 1: types and absolute expiries -------------------------------------
     def _types_and_expiries(self, keys: list[bytes]) -> tuple[list[str], list[int | None]]:
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.execute_command("TYPE", key)
+        n = len(keys)
+        commands = [("TYPE", key) for key in keys]
         if self.info.has_pexpiretime:
-            for key in keys:
-                pipe.execute_command("PEXPIRETIME", key)
-            res = pipe.execute()
-            n = len(keys)
+            commands += [("PEXPIRETIME", key) for key in keys]
+            res = raise_first_error(execute_many(self.client, commands))
             return [t.decode() for t in res[:n]], [x if x >= 0 else None for x in res[n:]]
-        groups = [keys[i:i + _TTL_GROUP] for i in range(0, len(keys), _TTL_GROUP)]
+        groups = [keys[i:i + _TTL_GROUP] for i in range(0, n, _TTL_GROUP)]
         for group in groups:
-            self._queue_pttl(pipe, group)
-        res = pipe.execute()
-        types = [t.decode() for t in res[:len(keys)]]
+            commands += self._pttl_commands(group)
+        res = raise_first_error(execute_many(self.client, commands))
+        types = [t.decode() for t in res[:n]]
         expiries: list[int | None] = []
-        pos = len(keys)
+        pos = n
         for group in groups:
             reply = res[pos:pos + len(group) + 2]
             pos += len(group) + 2
@@ -100,11 +99,8 @@ class KeyReader:
         return types, expiries
 
     @staticmethod
-    def _queue_pttl(pipe, group: list[bytes]) -> None:
-        pipe.execute_command("TIME")
-        for key in group:
-            pipe.execute_command("PTTL", key)
-        pipe.execute_command("TIME")
+    def _pttl_commands(group: list[bytes]) -> list[tuple]:
+        return [("TIME",), *(("PTTL", key) for key in group), ("TIME",)]
 
     def _exact_expiries(self, group: list[bytes], reply: list) -> list[int | None]:
         """expiry = now + PTTL is exact only if `now` is the millisecond PTTL ran in: retry
@@ -115,34 +111,27 @@ class KeyReader:
             t1 = int(after[0]) * 1000 + int(after[1]) // 1000
             if t0 == t1 or attempt == _TTL_ATTEMPTS - 1:
                 break
-            pipe = self.client.pipeline(transaction=False)
-            self._queue_pttl(pipe, group)
-            reply = pipe.execute()
+            reply = raise_first_error(execute_many(self.client, self._pttl_commands(group)))
         return [t0 + p if p >= 0 else None for p in reply[1:-1]]
 
     # ---- round trip 2: values ----------------------------------------------------------
-    def _queue_value(self, pipe, key: bytes, kind: str) -> int:
-        cmd, n = pipe.execute_command, self.part
+    def _value_commands(self, key: bytes, kind: str) -> list[tuple]:
+        n = self.part
         if kind == "string":
-            cmd("GET", key)
-        elif kind == "list":
-            cmd("LRANGE", key, 0, n)            # n + 1 elements: tells whether the key must be split
-        elif kind == "zset":
-            cmd("ZRANGE", key, 0, n, "WITHSCORES")
-        elif kind == "hash":
-            cmd("HSCAN", key, 0, "COUNT", n)
-        elif kind == "set":
-            cmd("SSCAN", key, 0, "COUNT", n)
-        else:
-            cmd("XINFO", "STREAM", key)
-            cmd("XINFO", "GROUPS", key)
-            cmd("XRANGE", key, "-", "+", "COUNT", n + 1)
-            return 3
-        return 1
+            return [("GET", key)]
+        if kind == "list":
+            return [("LRANGE", key, 0, n)]    # n + 1 elements: tells whether the key must be split
+        if kind == "zset":
+            return [("ZRANGE", key, 0, n, "WITHSCORES")]
+        if kind == "hash":
+            return [("HSCAN", key, 0, "COUNT", n)]
+        if kind == "set":
+            return [("SSCAN", key, 0, "COUNT", n)]
+        return [("XINFO", "STREAM", key), ("XINFO", "GROUPS", key), ("XRANGE", key, "-", "+", "COUNT", n + 1)]
 
     def _batch(self, keys: list[bytes], attempt: int = 0) -> Iterator[Record]:
         types, expiries = self._types_and_expiries(keys)
-        pipe = self.client.pipeline(transaction=False)
+        commands: list[tuple] = []
         todo = []
         for key, kind, x in zip(keys, types, expiries):
             if kind == "none":
@@ -151,8 +140,10 @@ class KeyReader:
                 self.skipped[kind] = self.skipped.get(kind, 0) + 1
                 log.warning("skipping key %r of unsupported type %s", key, kind)
                 continue
-            todo.append((key, kind, x, self._queue_value(pipe, key, kind)))
-        results = pipe.execute(raise_on_error=False) if todo else []
+            fetch = self._value_commands(key, kind)
+            commands += fetch
+            todo.append((key, kind, x, len(fetch)))
+        results = execute_many(self.client, commands)
         pos = 0
         for key, kind, x, n in todo:
             reply = results[pos:pos + n]

@@ -1,5 +1,5 @@
-"""Talking to Redis/Valkey for backup and restore: connecting, errors, server facts, and
-which keys an item covers (its *scope*), listed in sorted order with bounded memory.
+"""Which keys an item covers on a Redis/Valkey server (its *scope*), listed in sorted order
+with bounded memory.
 
 An item's scope: keys matching its pattern, not matching any earlier item's pattern (a key
 matching several configured patterns belongs to the first), and, when `only` selectors are
@@ -14,107 +14,17 @@ memory stays bounded whatever the keyspace size.
 """
 from __future__ import annotations
 
-import contextlib
 import heapq
 import re
 import struct
 import tempfile
-from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
-from urllib.parse import urlsplit
 
-from snapshots.errors import ConfigError, SourceError, StatevaultError
-from snapshots.settings import redact_url
+from backup.sources.redis_client import execute_many, raise_first_error
 
 RUN_LIMIT = 1_000_000
 SCAN_COUNT = 1000
 _GLOB_CHARS = frozenset(b"*?[\\")
-
-
-# ---- connecting and errors ---------------------------------------------------------------
-
-def connect(url: str):
-    """A redis-py client speaking RESP2 with *raw* replies (no response callbacks): stream
-    entries with repeated field names must not be folded into dicts, and INFO/XINFO are parsed
-    here the same way on every server version."""
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, protocol=2, decode_responses=False,
-                                      socket_connect_timeout=10, socket_timeout=120)
-    except ValueError as exc:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)}: {exc}") from None
-    client.response_callbacks.clear()
-    return client
-
-
-def translate_redis_error(exc: BaseException, what: str) -> StatevaultError:
-    """Map a redis-py (or socket) exception to ours; unknown ones are not retried."""
-    from redis import exceptions as redis
-
-    if isinstance(exc, StatevaultError):
-        return exc
-    name = type(exc).__name__
-    if isinstance(exc, (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError)):
-        return SourceError(f"{what}: authentication failed",
-                           hint="Check the user and password in the Redis URL.")
-    if isinstance(exc, redis.NoPermissionError):
-        return SourceError(f"{what}: the Redis user lacks a permission: {exc}",
-                           hint="Grant the user the commands statevault needs (see README, 'Redis').")
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-        return SourceError(f"{what}: cannot reach the server ({name}: {exc})", retryable=True)
-    if isinstance(exc, redis.ReadOnlyError):
-        return SourceError(f"{what}: the server is a read-only replica",
-                           hint="Restore into the primary, not a replica.")
-    if isinstance(exc, redis.ResponseError) and str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN")):
-        return SourceError(f"{what}: the server is busy ({exc})", retryable=True)
-    if isinstance(exc, redis.RedisError):
-        return SourceError(f"{what}: {name}: {exc}")
-    return SourceError(f"{what}: unexpected {name}: {exc}")
-
-
-@contextlib.contextmanager
-def redis_errors(what: str):
-    """Translate redis-py exceptions raised in the block (also inside generators)."""
-    from redis.exceptions import RedisError
-
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise translate_redis_error(exc, what) from exc
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    flavour: str            # "redis" | "valkey"
-    version: str            # valkey_version for Valkey, else redis_version
-    redis_version: str
-    db: int
-    has_pexpiretime: bool   # Redis >= 7.0 and every Valkey
-
-    def to_dict(self) -> dict:
-        return {"server": self.flavour, "version": self.version, "redis_version": self.redis_version, "db": self.db}
-
-
-def server_info(client, url: str) -> ServerInfo:
-    raw = client.execute_command("INFO", "server")
-    fields = {}
-    for line in raw.decode(errors="replace").splitlines():
-        name, sep, value = line.partition(":")
-        if sep:
-            fields[name.strip()] = value.strip()
-    redis_version = fields.get("redis_version", "0")
-    valkey = fields.get("valkey_version")
-    major = int(re.match(r"\d*", redis_version).group() or 0)
-    path = urlsplit(url).path.strip("/")
-    db = int(path) if path.isdigit() else int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
-    return ServerInfo(flavour="valkey" if valkey else "redis", version=valkey or redis_version,
-                      redis_version=redis_version, db=db, has_pexpiretime=bool(valkey) or major >= 7)
-
-
-def server_time_ms(client) -> int:
-    sec, usec = client.execute_command("TIME")
-    return int(sec) * 1000 + int(usec) // 1000
 
 
 # ---- patterns ----------------------------------------------------------------------------
@@ -257,12 +167,8 @@ class Scope:
         exact = sorted(k for k in narrowest.exact if self.contains(k))
         for start in range(0, len(exact), 1000):
             batch = exact[start:start + 1000]
-            pipe = client.pipeline(transaction=False)
-            for key in batch:
-                pipe.execute_command("EXISTS", key)
-            for key, found in zip(batch, pipe.execute()):
-                if found:
-                    yield key
+            found = raise_first_error(execute_many(client, [("EXISTS", key) for key in batch]))
+            yield from (key for key, n in zip(batch, found) if n)
 
     def keys(self, client) -> Iterator[bytes]:
         """The scope's keys on the server now, sorted by raw bytes, each once."""

@@ -13,15 +13,19 @@ the item's schema). Per item and mode:
 A table that exists with other columns or types than the snapshot's is an
 IncompatibleTargetError in mode new (the version gate), before anything is written; so is a
 missing type or extension, a relation that is not a table, and a recreate or swap of a table
-that views depend on (they would be dropped with it). replace and swap plans carry
-`backup_selector = [target]` for the pre-restore snapshot.
+that views depend on (they would be dropped with it) or that is part of a partition or
+inheritance tree. replace and swap plans carry `backup_selector = [target]` for the
+pre-restore snapshot.
 
-Restore, one transaction per item on one connection (a failure rolls back to what was there):
+Restore, one explicit transaction per item on one connection (autocommit is on between
+them, so nothing is ever committed implicitly; a failure rolls back to what was there):
 - create: enum types, extensions and sequences, CREATE TABLE, COPY FROM STDIN in batches,
   then constraints and indexes (faster after the load), OWNED BY, setval.
 - load / truncate: LOCK the live table, detach the foreign keys touching it, (TRUNCATE),
-  COPY, set its sequences, re-attach the keys NOT VALID. Privileges, triggers and views stay;
-  the table's triggers fire for the loaded rows.
+  COPY, set its sequences, re-attach the keys NOT VALID. The live definition (indexes,
+  constraints, privileges, triggers, views) stays; its triggers fire for the loaded rows.
+- sequences: those the table owns are set to the snapshot's position; shared sequences its
+  defaults call are only moved forward (other tables draw from them).
 - recreate: capture privileges, DROP the live table and create it from the snapshot.
 - swap: build the table in a staging schema `statevault_staging_<run>_<n>` and commit it;
   nothing live is touched. `switch(plans)` then moves, in ONE transaction, each live table
@@ -85,6 +89,8 @@ class PostgresTarget:
 
     # ---- plan ---------------------------------------------------------------------------
     def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: Mode) -> list[ItemPlan]:
+        if mode not in ("new", "replace", "swap"):
+            raise UsageError(f"unknown restore mode {mode!r}: use new, replace or swap")
         items = _select(manifest, only)
         if into is not None and len(items) != 1:
             raise UsageError(f"--into renames one table; {len(items)} are selected (use --only)")
@@ -121,8 +127,11 @@ class PostgresTarget:
             if relkind != "r":
                 raise IncompatibleTargetError(f"{target} exists on the target and is not a plain table "
                                               f"(relkind {relkind!r})")
+            inherits = self.conn.execute("SELECT relispartition OR relhassubclass OR EXISTS (SELECT 1 FROM "
+                                         "pg_catalog.pg_inherits WHERE inhrelid = %s) FROM pg_catalog.pg_class "
+                                         "WHERE oid = %s", (oid, oid)).fetchone()[0]
             diffs = ddl.compatible(spec, describe_columns(self.conn, oid))
-            live_records = self.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            live_records = self.conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(
                 sql.Identifier(schema, name))).fetchone()[0]
             if mode == "new":
                 if live_records:
@@ -135,6 +144,10 @@ class PostgresTarget:
                 action, method = "replace", "truncate"
             else:
                 action, method = ("swap", "stage") if mode == "swap" else ("replace", "recreate")
+                if inherits:
+                    raise IncompatibleTargetError(f"{target} is part of a partition or inheritance tree, which "
+                                                  f"{'a swap' if mode == 'swap' else 'recreating it'} would break",
+                                                  hint="Use --mode replace with the snapshot's columns, or --into.")
                 views = live.dependent_views(self.conn, oid)
                 if views:
                     raise IncompatibleTargetError(f"{target} has dependent views ({', '.join(views)}) that "
@@ -168,30 +181,36 @@ class PostgresTarget:
     def restore(self, plan: ItemPlan, records: Iterator[bytes], options: RestoreOptions) -> None:
         d = plan.details
         place = ddl.Placement(d["schema"], d["table"], plan.item.schema["table"]["name"])
-        with self._errors(f"restore {plan.item.name} into {plan.target}"):
-            if d["method"] == "stage":
-                self._stage(plan, place, records, options)
-                return
-            with self.conn.transaction():
-                if d["method"] == "create":
-                    self._create(plan, place, records, options)
-                    self._pending_fks += [(plan, fk) for fk in d["foreign_keys"]]
-                elif d["method"] == "recreate":
-                    self._recreate(plan, place, records, options)
-                else:
-                    self._load_existing(plan, place, records, options)
+        saved = (list(self._pending_fks), list(self._to_validate))
+        try:
+            with self._errors(f"restore {plan.item.name} into {plan.target}"):
+                if d["method"] == "stage":
+                    self._stage(plan, place, records, options)
+                    return
+                with self.conn.transaction():
+                    if d["method"] == "create":
+                        self._create(plan, place, records, options)
+                        self._pending_fks += [(plan, fk) for fk in d["foreign_keys"]]
+                    elif d["method"] == "recreate":
+                        self._recreate(plan, place, records, options)
+                    else:
+                        self._load_existing(plan, place, records, options)
+        except BaseException:
+            # rolled back: forget the constraint work queued for it
+            self._pending_fks, self._to_validate = saved
+            raise
 
     def _create(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes], options: RestoreOptions) -> None:
         spec, conn, d = plan.item.schema, self.conn, plan.details
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(place.schema)))
+        self._ensure_schema(place.schema)
         for ext in d["extensions"]:
             conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext)))
         for enum in d["enums"]:
             if find_type(conn, enum["schema"], enum["name"]) is None:  # another item may have made it
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(enum["schema"])))
+                self._ensure_schema(enum["schema"])
                 conn.execute(ddl.create_enum(enum))
         for seq in ddl.used_sequences(spec):
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(seq["schema"])))
+            self._ensure_schema(seq["schema"])
             conn.execute(ddl.create_sequence(seq, place, if_not_exists=True))
         for seq in ddl.owned_sequences(spec):
             if not seq["identity"]:
@@ -210,12 +229,12 @@ class PostgresTarget:
         conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(place.table))
         oid = _oid(conn, place)
         if plan.details["method"] == "load" and conn.execute(
-                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(place.table)).fetchone()[0]:
+                sql.SQL("SELECT EXISTS (SELECT 1 FROM ONLY {})").format(place.table)).fetchone()[0]:
             raise TargetNotEmptyError(f"{plan.target} received rows since the plan; nothing was written")
         fks = live.foreign_keys_touching(conn, oid)
         live.detach(conn, fks)
         if plan.details["method"] == "truncate":
-            conn.execute(sql.SQL("TRUNCATE {}").format(place.table))
+            conn.execute(sql.SQL("TRUNCATE ONLY {}").format(place.table))
         self._copy_in(plan, place.table, records, options)
         table_sql = place.table.as_string(conn)
         for seq in ddl.owned_sequences(spec):
@@ -238,6 +257,11 @@ class PostgresTarget:
         plan.notes.extend(live.apply_privileges(conn, place.table, privs))
         self._to_validate += live.reattach(conn, inbound)
         self._pending_fks += [(plan, fk) for fk in plan.details["foreign_keys"]]
+
+    def _ensure_schema(self, schema: str) -> None:
+        # checked first: CREATE SCHEMA IF NOT EXISTS still demands CREATE on the database
+        if not self.conn.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+            self.conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
 
     def _advance_shared(self, spec: dict, place: ddl.Placement) -> None:
         for seq in ddl.used_sequences(spec):
@@ -325,7 +349,8 @@ class PostgresTarget:
 
     # ---- verification -------------------------------------------------------------------
     def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
-        place = self._staging.tables.get(plan.target) or ddl.Placement(plan.details["schema"], plan.details["table"], "")
+        d = plan.details
+        place = self._staging.tables.get(plan.target) or ddl.Placement(d["schema"], d["table"], d["table"])
         spec = plan.item.schema
         with self._errors(f"read back {plan.target}"):
             found = find_table(self.conn, place.schema, place.name)
@@ -351,6 +376,8 @@ class PostgresTarget:
             return
         try:
             self._staging.discard(self._conn)
+        except Exception:  # noqa: BLE001 - best effort (the next swap restore drops leftovers); never mask
+            pass           # the error that brought us here
         finally:
             self._conn.close()
             self._conn = None

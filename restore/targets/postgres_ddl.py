@@ -35,6 +35,7 @@ class Placement:
     When the table is renamed (restore --into), its indexes, constraints and owned sequences
     are renamed with it (a `memories_` prefix becomes `<new name>_`; other names get the new
     table name as prefix), so they do not collide with the live table's in the same schema.
+    Sequences the table owns are created in the table's schema; shared ones keep their name.
     """
 
     schema: str

@@ -65,8 +65,8 @@ def validate(conn, pending: list[tuple[str, str]]) -> list[str]:
                 conn.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(sql.SQL(table),
                                                                                     sql.Identifier(name)))
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            failures.append(f"{table} {name}: {first}")
+            detail = exc.diag.message_detail or exc.diag.message_primary or type(exc).__name__
+            failures.append(f"{table} {name}: {detail}")
     return failures
 
 
@@ -82,18 +82,46 @@ SELECT pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(c.relowner)),
 FROM pg_catalog.pg_class c WHERE c.oid = %s"""
 
 
+_SEQUENCE_PRIVILEGES = """
+SELECT a.attname,
+       ARRAY(SELECT ARRAY[CASE WHEN x.grantee = 0 THEN 'PUBLIC'
+                               ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(x.grantee)) END,
+                          x.privilege_type, x.is_grantable::text]
+             FROM pg_catalog.aclexplode(s.relacl) x WHERE x.grantee <> s.relowner)
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.refclassid = 'pg_catalog.pg_class'::regclass
+  AND d.refobjid = %s AND d.deptype IN ('a', 'i')"""
+
+
 def privileges(conn, oid: int) -> dict[str, Any]:
+    """Owner and grants of a table and of the sequences its columns own (an agent's role
+    needs USAGE on them to insert)."""
     owner, mine, grants = conn.execute(_PRIVILEGES, (oid,)).fetchone()
-    return {"owner": owner, "owner_is_me": bool(mine), "grants": [tuple(g) for g in grants or []]}
+    sequences = {col: [tuple(g) for g in seq_grants or []]
+                 for col, seq_grants in conn.execute(_SEQUENCE_PRIVILEGES, (oid,))}
+    return {"owner": owner, "owner_is_me": bool(mine), "grants": [tuple(g) for g in grants or []],
+            "sequences": sequences}
 
 
-def apply_privileges(conn, table: sql.Composable, privs: dict[str, Any]) -> list[str]:
-    """GRANT what the old table granted; hand it to the old owner if we may. Returns notes."""
+def _grant(conn, kind: str, target: sql.Composable, grants: list[tuple]) -> None:
+    for grantee, privilege, grantable in grants:
+        option = " WITH GRANT OPTION" if grantable == "true" else ""
+        conn.execute(sql.SQL(f"GRANT {privilege} ON {kind} {{}} TO {grantee}{option}").format(target))
+
+
+def apply_privileges(conn, table: sql.Identifier, privs: dict[str, Any]) -> list[str]:
+    """GRANT what the old table (and its owned sequences) granted; hand it to the old owner
+    if we may. Returns notes for the plan."""
     import psycopg
 
-    for grantee, privilege, grantable in privs["grants"]:
-        option = " WITH GRANT OPTION" if grantable == "true" else ""
-        conn.execute(sql.SQL("GRANT " + privilege + " ON TABLE {} TO " + grantee + option).format(table))
+    _grant(conn, "TABLE", table, privs["grants"])
+    table_sql = table.as_string(conn)
+    for column, grants in privs["sequences"].items():
+        seq = serial_sequence(conn, table_sql, column) if grants else None
+        if seq is not None:
+            _grant(conn, "SEQUENCE", sql.SQL(seq), grants)
     if privs["owner_is_me"]:
         return []
     try:

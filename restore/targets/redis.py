@@ -39,8 +39,9 @@ import orjson
 from typing import Callable, Iterator
 
 from backup.sources.redis import KeyReader, read_scope
-from backup.sources.redis_keys import (KeyMatcher, NameSorter, Scope, connect, redis_errors, selector_may_match,
-                                       server_info, server_time_ms, sorted_minus)
+from backup.sources.redis_client import (connect, execute_many, raise_first_error, redis_errors, server_info,
+                                         server_time_ms)
+from backup.sources.redis_keys import KeyMatcher, NameSorter, Scope, selector_may_match, sorted_minus
 from backup.sources.redis_records import (FORMAT, PART_SIZE, canonical, dec, dec_bytes, display_key,
                                           record_expiry, record_key)
 from restore.targets.base import ItemPlan, RestoreOptions
@@ -197,14 +198,14 @@ class RedisTarget:
     def _delete_extras(self, client, plan: ItemPlan, written: NameSorter) -> int:
         """UNLINK scope keys the snapshot does not hold (both name streams sorted)."""
         deleted = 0
-        pipe = client.pipeline(transaction=False)
+        batch: list[tuple] = []
         for key in sorted_minus(self.scope(plan).keys(client), written):
-            pipe.execute_command("UNLINK", key)
+            batch.append(("UNLINK", key))
             deleted += 1
-            if len(pipe) >= 1000:
-                pipe.execute()
-        if len(pipe):
-            pipe.execute()
+            if len(batch) >= 1000:
+                raise_first_error(execute_many(client, batch))
+                batch = []
+        raise_first_error(execute_many(client, batch))
         if deleted:
             plan.notes.append(f"{deleted} key(s) in the scope but not in the snapshot were deleted")
         return deleted
@@ -247,8 +248,8 @@ class _KeyWriter:
         self.skipped_examples: list[str] = []
 
     def run(self, records: Iterator[bytes]) -> None:
-        pipe = self.client.pipeline(transaction=self.transaction)
-        cmd = pipe.execute_command
+        commands: list[tuple] = []
+        cmd = commands.append
         current, skip, stream_meta = None, False, None
         nrec = nargs = 0
         for record in records:
@@ -269,51 +270,55 @@ class _KeyWriter:
                 self.written += 1
                 if self.on_key is not None:
                     self.on_key(key)
-                cmd("DEL", key)
+                cmd(("DEL", key))
             elif skip:
                 continue
             else:
                 first = False
             kind, v = r["t"], r["v"]
             if kind == "string":
-                cmd("SET", key, dec(v))
+                cmd(("SET", key, dec(v)))
             elif kind == "list":
-                cmd("RPUSH", key, *[dec(e) for e in v])
+                cmd(("RPUSH", key, *[dec(e) for e in v]))
             elif kind == "hash":
-                cmd("HSET", key, *[dec(s) for pair in v for s in pair])
+                cmd(("HSET", key, *[dec(s) for pair in v for s in pair]))
             elif kind == "set":
-                cmd("SADD", key, *[dec(m) for m in v])
+                cmd(("SADD", key, *[dec(m) for m in v]))
             elif kind == "zset":
-                cmd("ZADD", key, *[a for member, score in v for a in (score, dec(member))])
+                cmd(("ZADD", key, *[a for member, score in v for a in (score, dec(member))]))
             elif kind == "stream":
                 for eid, fields in v["entries"]:
-                    cmd("XADD", key, eid, *[dec(f) for f in fields])
+                    cmd(("XADD", key, eid, *[dec(f) for f in fields]))
                 if first:
                     if not v["entries"]:  # an empty stream still exists: create it through a group
-                        cmd("XGROUP", "CREATE", key, _TMP_GROUP, "0", "MKSTREAM")
-                        cmd("XGROUP", "DESTROY", key, _TMP_GROUP)
+                        cmd(("XGROUP", "CREATE", key, _TMP_GROUP, "0", "MKSTREAM"))
+                        cmd(("XGROUP", "DESTROY", key, _TMP_GROUP))
                     stream_meta = (v["last_id"], v["groups"])
             else:
                 raise IncompatibleTargetError(f"record for key {display_key(key)!r} has unknown type {kind!r}")
             if first:
                 x = r["x"]
                 if x is not None and self.ttl == "keep":
-                    cmd("PEXPIREAT", key, x)
+                    cmd(("PEXPIREAT", key, x))
                 elif x is not None and self.ttl == "reset":
-                    cmd("PEXPIRE", key, max(1, x - self.cut_ms))
+                    cmd(("PEXPIRE", key, max(1, x - self.cut_ms)))
             nrec += 1
             nargs += len(v) if kind != "stream" else len(v["entries"])
             if nrec >= self.batch_size or nargs >= _MAX_ARGS:
-                pipe.execute()
+                self._execute(commands)
                 nrec = nargs = 0
         if stream_meta is not None:
             self._finish_stream(cmd, current, stream_meta)
-        if len(pipe):
-            pipe.execute()
+        self._execute(commands)
+
+    def _execute(self, commands: list[tuple]) -> None:
+        if commands:
+            raise_first_error(execute_many(self.client, commands, transaction=self.transaction))
+            commands.clear()
 
     @staticmethod
     def _finish_stream(cmd, key: bytes, meta: tuple[str, list]) -> None:
         last_id, groups = meta
-        cmd("XSETID", key, last_id)
+        cmd(("XSETID", key, last_id))
         for name, delivered in groups:
-            cmd("XGROUP", "CREATE", key, dec(name), delivered)
+            cmd(("XGROUP", "CREATE", key, dec(name), delivered))

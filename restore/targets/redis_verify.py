@@ -23,7 +23,7 @@ from typing import Iterator
 
 import blake3
 
-from backup.sources.redis_keys import server_time_ms
+from backup.sources.redis_client import server_time_ms
 from backup.sources.redis_records import canonical, display_key, record_head
 from restore.targets.base import ItemPlan, RestoreOptions
 

@@ -443,7 +443,7 @@ def test_two_daemon_processes_run_each_tick_exactly_once(s3_repo_url, redis_url,
     processes += [a, b]
     for p in (a, b):
         p.wait_for(lambda e: e["event"] == "daemon_started")
-    time.sleep(6)
+    time.sleep(5)
     assert a.stop() == 0 and b.stop() == 0
     runs = a.runs() + b.runs()
     ran = [tick for tick, r in runs if r in ("ok", "failed")]
@@ -504,7 +504,7 @@ def test_sigterm_during_a_backup_exits_cleanly(file_repo_url, redis_url, tmp_pat
     manifest, exit 0, and no partial snapshot is visible."""
     seed(redis_url, 30000)
     config = write_config(tmp_path / "statevault.toml", file_repo_url, redis_url, schedule="* * * * * */2")
-    p = DaemonProcess.driver(config, tmp_path / "d.log", "--progress-delay", "0.4")
+    p = DaemonProcess.driver(config, tmp_path / "d.log", "--progress-delay", "0.3")
     processes.append(p)
     p.wait_for(lambda e: e["event"] == "job_started", timeout=30)
     time.sleep(0.6)
@@ -512,8 +512,11 @@ def test_sigterm_during_a_backup_exits_cleanly(file_repo_url, redis_url, tmp_pat
         p.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
     assert p.proc.wait(30) == 0
-    finished = [e for e in p.events() if e["event"] == "job_finished"]
+    events = p.events()
+    finished = [e for e in events if e["event"] == "job_finished"]
     assert [e["result"] for e in finished] == (["ok"] if expect_snapshot else ["aborted"])
+    order = [e["event"] for e in events if e["event"] in ("job_started", "shutdown_requested", "job_finished")]
+    assert order == ["job_started", "shutdown_requested", "job_finished"]   # the signal came mid-backup
     assert any(e["event"] == "daemon_stopped" and e["clean"] for e in p.events())
     repo = open_repository(file_repo_url)
     snaps = repo.list_snapshots()

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -69,24 +68,26 @@ TRICKY = ["plain", "tab\there", "new\nline", "back\\slash", "crlf\r\n", "ünïc�
           "", "   ", "comma,{brace}"]
 
 DATA = """
+CREATE TEMP TABLE tricky AS SELECT %(tricky)s::text[] AS a, cardinality(%(tricky)s::text[]) AS n;
 INSERT INTO users (handle, mood, moods, created_at)
-SELECT 'user' || g || (%(tricky)s::text[])[1 + g %% cardinality(%(tricky)s::text[])],
+SELECT 'user' || g || t.a[1 + g %% t.n],
        CASE WHEN g %% 4 = 0 THEN NULL ELSE (ARRAY['calm','curious','annoyed'])[1 + g %% 3]::mood END,
        CASE WHEN g %% 5 = 0 THEN NULL ELSE ARRAY['calm','annoyed']::mood[] END,
        timestamptz '2026-01-01 00:00:00+00' + g * interval '1 hour 0.000123 seconds'
-FROM generate_series(1, 60) g;
+FROM generate_series(1, 60) g, tricky t;
 DELETE FROM users WHERE id IN (59, 60);  -- the sequence runs ahead of max(id)
 INSERT INTO memories (user_id, parent_id, body, meta, blob, scores, labels, weight, ref, seen_at)
 SELECT 1 + g %% 58, NULL,
-       CASE WHEN g %% 7 = 0 THEN NULL ELSE (%(tricky)s::text[])[1 + g %% cardinality(%(tricky)s::text[])] || ' #' || g END,
-       CASE WHEN g %% 6 = 0 THEN NULL ELSE jsonb_build_object('k', g, 'txt', (%(tricky)s::text[])[1 + g %% 5], 'l', jsonb_build_array(1, 'a', null)) END,
+       CASE WHEN g %% 7 = 0 THEN NULL ELSE t.a[1 + g %% t.n] || ' #' || g END,
+       CASE WHEN g %% 6 = 0 THEN NULL
+            ELSE jsonb_build_object('k', g, 'txt', t.a[1 + g %% 5], 'l', '[1, "a", null]'::jsonb) END,
        CASE WHEN g %% 3 = 0 THEN NULL ELSE decode(md5(g::text), 'hex') || '\\x00'::bytea END,
        CASE WHEN g %% 4 = 0 THEN NULL ELSE ARRAY[g, -g, NULL] END,
-       CASE WHEN g %% 5 = 0 THEN NULL ELSE ARRAY['a b', (%(tricky)s::text[])[1 + g %% cardinality(%(tricky)s::text[])], NULL] END,
+       CASE WHEN g %% 5 = 0 THEN NULL ELSE ARRAY['a b', t.a[1 + g %% t.n], NULL] END,
        CASE WHEN g %% 8 = 0 THEN NULL ELSE g * 1.2345 END,
        CASE WHEN g %% 9 = 0 THEN NULL ELSE md5('u' || g)::uuid END,
        CASE WHEN g %% 2 = 0 THEN NULL ELSE timestamptz '2026-06-01 12:00:00.5+02' - g * interval '1 day' END
-FROM generate_series(1, 400) g;
+FROM generate_series(1, 400) g, tricky t;
 UPDATE memories SET parent_id = id - 1 WHERE id %% 10 = 0;
 DELETE FROM memories WHERE id > 395;
 INSERT INTO notes VALUES ('a', 1.5), ('B', 'NaN'), ('ä', 'Infinity'), ('Z', '-Infinity'), ('', -0.0),
@@ -225,7 +226,8 @@ def test_chunks_are_plain_copy_input(pg_url, target_url, file_repo_url):
     item = manifest.item("public.notes")
     execute(target_url, 'CREATE TABLE notes (key text PRIMARY KEY, value double precision)')
     with psycopg.connect(target_url, autocommit=True) as conn:
-        with conn.cursor() as cur, cur.copy("COPY notes (%s) FROM STDIN" % ", ".join(item.schema["copy_columns"])) as cp:
+        columns = ", ".join(item.schema["copy_columns"])
+        with conn.cursor() as cur, cur.copy(f"COPY notes ({columns}) FROM STDIN") as cp:
             for chunk in repo.iter_chunks(item):
                 cp.write(chunk)
     assert table_bytes(target_url, "notes", 'key COLLATE "C"') == table_bytes(pg_url, "notes", 'key COLLATE "C"')
@@ -325,11 +327,12 @@ def test_only_into_and_unknown_names(pg_url, file_repo_url):
 
 def test_source_selection(pg_url, file_repo_url):
     populate(pg_url)
-    execute(pg_url, "CREATE SCHEMA agent; CREATE TABLE agent.checkpoints (thread text, n int, PRIMARY KEY (thread, n));"
-                    "CREATE TEMP TABLE scratch (x int)")
+    execute(pg_url, "CREATE SCHEMA agent; CREATE TABLE agent.checkpoints (thread text, n int, PRIMARY KEY (thread, n))")
     source = PostgresSource(settings(pg_url, tables=["*"], exclude=["events", "public.notes"]))
-    with source.open() as cut:
-        assert [i.name for i in cut.items()] == ["agent.checkpoints", "public.memories", "public.users"]
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        other.execute("CREATE TEMP TABLE scratch (x int)")  # another session's: never an item
+        with source.open() as cut:
+            assert [i.name for i in cut.items()] == ["agent.checkpoints", "public.memories", "public.users"]
     with PostgresSource(settings(pg_url, tables=["agent.*"])).open(only=["notes", "public.events"]) as cut:
         assert [i.name for i in cut.items()] == ["public.events", "public.notes"]  # only overrides the config
     with pytest.raises(NotFoundError):
@@ -337,23 +340,54 @@ def test_source_selection(pg_url, file_repo_url):
             pass
 
 
+def test_partitions_and_inheritance_children_are_backed_up_once(pg_url, target_url, file_repo_url):
+    execute(pg_url, "CREATE TABLE log (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);"
+                    "CREATE TABLE log_2025 PARTITION OF log FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+                    "CREATE TABLE log_2026 PARTITION OF log FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');"
+                    "INSERT INTO log VALUES (1, '2025-05-01'), (2, '2026-05-01'), (3, '2026-06-01');"
+                    "CREATE TABLE base (id int); CREATE TABLE child (extra text) INHERITS (base);"
+                    "INSERT INTO base VALUES (1); INSERT INTO child VALUES (2, 'x')")
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url)
+    assert {i.name: i.records for i in manifest.items} == {
+        "public.base": 1, "public.child": 1, "public.log_2025": 1, "public.log_2026": 2}
+
+    execute(pg_url, "DELETE FROM log; DELETE FROM base")  # (the parent's DELETE empties child too)
+    plans = restore(pg_url, repo, manifest, mode="replace")
+    assert {p.details["method"] for p in plans} == {"truncate"}  # the trees stay as they are
+    assert table_bytes(pg_url, "log") == b"1\t2025-05-01\n2\t2026-05-01\n3\t2026-06-01\n"
+    assert table_bytes(pg_url, "ONLY base") == b"1\n" and table_bytes(pg_url, "child") == b"2\tx\n"
+    target = PostgresTarget(pg_url)
+    try:
+        with pytest.raises(IncompatibleTargetError):
+            target.plan(manifest, only=["log_2026"], into=None, mode="swap")
+    finally:
+        target.close()
+
+    restore(target_url, repo, manifest)  # elsewhere: standalone tables
+    assert table_bytes(target_url, "log_2026") == b"2\t2026-05-01\n3\t2026-06-01\n"
+
+
 # ---- replace and swap ----------------------------------------------------------------------
 
 def test_replace_truncates_or_recreates_in_one_transaction(pg_url, file_repo_url):
     populate(pg_url)
-    execute(pg_url, "CREATE TABLE user_stats (user_id bigint REFERENCES users(id), n int)")  # outside the restore
     repo = open_repository(file_repo_url, create=True)
     manifest, _ = backup(repo, pg_url)
     snap = {t: table_bytes(pg_url, t, o) for t, o in ORDERS.items()}
+    execute(pg_url, "CREATE TABLE user_stats (user_id bigint REFERENCES users(id), n int)")  # not in the snapshot
 
-    execute(pg_url, "INSERT INTO users (handle) VALUES ('intruder'); DELETE FROM memories WHERE id < 100;"
+    execute(pg_url, "INSERT INTO users (handle) VALUES ('intruder'); UPDATE memories SET parent_id = NULL;"
+                    "DELETE FROM memories WHERE id < 100;"
                     "INSERT INTO user_stats VALUES (1, 5); ALTER TABLE notes ADD COLUMN extra int;"
                     "UPDATE notes SET value = 0")
     role = unique_name("agent_role")
     execute(pg_url, f"CREATE ROLE {role}; GRANT SELECT ON notes TO {role}")
     try:
+        target = PostgresTarget(pg_url)
         with pytest.raises(TargetNotEmptyError):
-            PostgresTarget(pg_url).plan(manifest, only=[], into=None, mode="new")
+            target.plan(manifest, only=[], into=None, mode="new")
+        target.close()
         plans = restore(pg_url, repo, manifest, mode="replace")
         methods = {p.target: p.details["method"] for p in plans}
         assert methods == {"public.events": "truncate", "public.memories": "truncate", "public.notes": "recreate",
@@ -369,7 +403,8 @@ def test_replace_truncates_or_recreates_in_one_transaction(pg_url, file_repo_url
 
 
 def test_replace_failure_rolls_back_to_the_old_rows(pg_url, file_repo_url):
-    execute(pg_url, "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'old' FROM generate_series(1, 50) g")
+    execute(pg_url, "CREATE TABLE t (id int PRIMARY KEY, v text);"
+                    "INSERT INTO t SELECT g, 'old' FROM generate_series(1, 50) g")
     repo = open_repository(file_repo_url, create=True)
     manifest, _ = backup(repo, pg_url)
     execute(pg_url, "UPDATE t SET v = 'live'")
@@ -416,8 +451,8 @@ for plan in sorted(plans, key=lambda p: p.target != "public.small"):
 """
 
 
-def test_swap_killed_midway_leaves_live_tables_untouched(pg_url, file_repo_url, tmp_path):
-    execute(pg_url, "CREATE TABLE big (id bigint PRIMARY KEY, body text NOT NULL);"
+def test_swap_killed_midway_leaves_live_tables_untouched(pg_url, file_repo_url, tmp_path, request):
+    execute(pg_url, "CREATE TABLE big (id bigserial PRIMARY KEY, body text NOT NULL);"
                     "CREATE TABLE small (id int PRIMARY KEY, big_id bigint REFERENCES big(id));"
                     "CREATE TABLE audit (big_id bigint REFERENCES big(id));"  # not restored, references big
                     "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 100000) g;"
@@ -428,6 +463,9 @@ def test_swap_killed_midway_leaves_live_tables_untouched(pg_url, file_repo_url, 
     execute(pg_url, "DELETE FROM small WHERE id > 5; UPDATE big SET body = 'live' WHERE id <= 1000;"
                     "INSERT INTO big VALUES (100001, 'new')")
     live = {t: table_bytes(pg_url, t) for t in ("big", "small")}
+    role = unique_name("agent_role")
+    execute(pg_url, f"CREATE ROLE {role}; GRANT SELECT, INSERT ON big TO {role}; GRANT USAGE ON big_id_seq TO {role}")
+    request.addfinalizer(lambda: execute(pg_url, f"DROP OWNED BY {role}; DROP ROLE {role}"))
 
     flag = tmp_path / "copying"
     script = tmp_path / "swap_child.py"
@@ -440,6 +478,7 @@ def test_swap_killed_midway_leaves_live_tables_untouched(pg_url, file_repo_url, 
             assert child.poll() is None, child.stdout.read().decode()
             copying = flag.exists() and scalar(
                 pg_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore' "
+                        "AND datname = current_database() "
                         "AND query LIKE 'COPY%FROM STDIN%'") == 1
             time.sleep(0.05)
         assert copying, "the restore never started copying"
@@ -451,7 +490,8 @@ def test_swap_killed_midway_leaves_live_tables_untouched(pg_url, file_repo_url, 
     assert {t: table_bytes(pg_url, t) for t in ("big", "small")} == live
     # small's staging schema was committed before the kill; its session's lock dies with the backend
     deadline = time.monotonic() + 30
-    while scalar(pg_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore'"):
+    while scalar(pg_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore' "
+                           "AND datname = current_database()"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     staging = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'statevault%'"
@@ -461,6 +501,8 @@ def test_swap_killed_midway_leaves_live_tables_untouched(pg_url, file_repo_url, 
     assert [p.action for p in plans] == ["swap", "swap"]
     assert {t: table_bytes(pg_url, t) for t in ("big", "small")} == snap
     assert scalar(pg_url, staging) == 0
+    assert scalar(pg_url, "SELECT has_table_privilege(%s, 'big', 'INSERT')", (role,))  # the agent can still write
+    assert scalar(pg_url, "SELECT has_sequence_privilege(%s, pg_get_serial_sequence('big', 'id'), 'USAGE')", (role,))
     assert scalar(pg_url, "SELECT count(*) FROM audit") == 1
     assert scalar(pg_url, "SELECT count(*) FROM pg_constraint WHERE contype = 'f'") == 2  # small->big, audit->big
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
@@ -482,6 +524,37 @@ def test_swap_not_switched_is_discarded(pg_url, file_repo_url):
         target.close()  # verification failed, say: no switch
     assert scalar(pg_url, "SELECT count(*) FROM t") == 3
     assert scalar(pg_url, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'statevault%'") == 0
+
+
+def test_foreign_keys_wait_for_the_tables_they_reference(pg_url, file_repo_url):
+    execute(pg_url, "CREATE TABLE users (id int PRIMARY KEY);"
+                    "CREATE TABLE memories (id int PRIMARY KEY, uid int REFERENCES users(id));"
+                    "INSERT INTO users VALUES (1), (2); INSERT INTO memories VALUES (10, 2)")
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url)
+    execute(pg_url, "DROP TABLE memories; DELETE FROM users WHERE id = 2; INSERT INTO users VALUES (3)")
+
+    # memories is created, users swapped: memories' key waits for the new users table
+    plans = restore(pg_url, repo, manifest, mode="swap")
+    assert [(p.target, p.action) for p in plans] == [("public.memories", "create"), ("public.users", "swap")]
+    fks = "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f'"
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute(fks).fetchall() == [("memories_uid_fkey", True)]
+
+    # memories alone, onto users that lost the row it references: restored, reported, NOT VALID
+    execute(pg_url, "DELETE FROM memories; DELETE FROM users WHERE id = 2")
+    target = PostgresTarget(pg_url)
+    try:
+        [plan] = target.plan(manifest, only=["memories"], into=None, mode="replace")
+        target.restore(plan, repo.iter_records(plan.item), RestoreOptions(mode="replace"))
+        with pytest.raises(SourceError) as err:
+            target.finish([plan], RestoreOptions(mode="replace"))
+    finally:
+        target.close()
+    assert "memories_uid_fkey" in err.value.message and "(uid)=(2)" in err.value.message
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute(fks).fetchall() == [("memories_uid_fkey", False)]
+    assert table_bytes(pg_url, "memories") == b"10\t2\n"
 
 
 # ---- dedup -------------------------------------------------------------------------------
@@ -525,3 +598,23 @@ def test_missing_database_is_not_retryable(pg_server):
             pass
     assert not err.value.retryable
     assert "does not exist" in err.value.message
+
+
+@pytest.mark.parametrize("exc, retryable", [
+    (psycopg.OperationalError('connection failed: FATAL:  password authentication failed for user "agent"'), False),
+    (psycopg.OperationalError("connection failed: timeout expired"), True),
+    (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), True),
+    (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"), True),
+    (psycopg.errors.SerializationFailure("could not serialize access"), True),
+    (psycopg.errors.InsufficientPrivilege("permission denied for table memories"), False),
+    (psycopg.errors.DivisionByZero("division by zero"), False),  # unmapped: fails, never retried
+])
+def test_error_translation(exc, retryable):
+    from backup.sources.postgres_schema import translate_pg_error
+
+    url = "postgresql://agent:hunter2@db.internal/memory"
+    err = translate_pg_error(exc, "backup", url)
+    assert isinstance(err, SourceError) and err.retryable is retryable
+    assert "hunter2" not in err.message
+    if not retryable and "authentication" in str(exc):
+        assert "authentication failed" in err.message

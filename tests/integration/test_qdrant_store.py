@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,7 +54,7 @@ def backup(repo, path, **kw):
     return manifest, stats
 
 
-def seed_named(client, name: str = "kb", n: int = 600, seed: int = 1) -> None:
+def seed_named(client, name: str = "kb", n: int = 400, seed: int = 1) -> None:
     """Two named dense vectors (Cosine, Euclid; some points lack `image`), a sparse vector,
     int ids, payloads with nested objects, arrays and unicode, payload indexes."""
     rng = random.Random(seed)
@@ -74,7 +75,7 @@ def seed_named(client, name: str = "kb", n: int = 600, seed: int = 1) -> None:
     client.create_payload_index(name, "lang", m.PayloadSchemaType.KEYWORD)
 
 
-def seed_mixed_ids(client, name: str = "faq", n: int = 300, seed: int = 2) -> None:
+def seed_mixed_ids(client, name: str = "faq", n: int = 200, seed: int = 2) -> None:
     """One unnamed Dot vector; UUID ids and int ids in one collection."""
     rng = random.Random(seed)
     client.create_collection(name, vectors_config=m.VectorParams(size=16, distance=m.Distance.DOT))
@@ -91,11 +92,23 @@ def records_of(handle, name: str) -> list[bytes]:
     return list(iter_collection_records(handle.client, name, schema, local=True))
 
 
+@pytest.fixture(scope="module")
+def seeded_template(tmp_path_factory):
+    """Seeded once (local mode commits every point to sqlite: slow), copied for each test."""
+    path = tmp_path_factory.mktemp("qdrant-template")
+    handle = connect_qdrant(path=str(path))
+    try:
+        seed_named(handle.client)
+        seed_mixed_ids(handle.client)
+    finally:
+        handle.close()
+    return path
+
+
 @pytest.fixture
-def store(qdrant_path):
+def store(seeded_template, qdrant_path):
+    shutil.copytree(seeded_template, qdrant_path, dirs_exist_ok=True)
     handle = connect_qdrant(path=str(qdrant_path))
-    seed_named(handle.client)
-    seed_mixed_ids(handle.client)
     yield handle
     handle.close()
 
@@ -130,7 +143,7 @@ def test_round_trip_restores_points_config_and_search(store, file_repo_url, qdra
     repo = small_repo(file_repo_url)
     manifest, _ = backup(repo, qdrant_path)
     item = manifest.item("kb")
-    assert item.records == 600 and item.schema["source_mode"] == "local"
+    assert item.records == 400 and item.schema["source_mode"] == "local"
     assert set(item.schema["vectors"]) == {"text", "image"} and item.schema["vectors"]["text"]["distance"] == "Cosine"
     assert item.schema["sparse_vectors"] == {"keywords": {"modifier": "idf"}}
     assert item.schema["payload_indexes"] == {}  # local mode reports none (see test_config_round_trip_*)
@@ -223,7 +236,7 @@ def test_mode_new_refuses_non_empty_and_incompatible(store, file_repo_url, qdran
         store.client.create_collection("empty", **create_collection_kwargs(manifest.item("kb").schema))
         [plan] = target.plan(manifest, only=["kb"], into="empty", mode="new")
         target.restore(plan, repo.iter_records(plan.item), RestoreOptions())
-        assert digest_of(target.read_back(plan)) == (600, plan.item.digest)
+        assert digest_of(target.read_back(plan)) == (400, plan.item.digest)
     finally:
         target.close()
     assert records_of(store, "kb") == before
@@ -244,7 +257,7 @@ def test_swap_switches_alias_and_replace_replaces(store, file_repo_url, qdrant_p
     client.set_payload("kb", payload={"lang": "xx"}, points=[24])
 
     result = _run_restore(file_repo_url, qdrant_path, "swap")  # first swap: kb is a real collection
-    assert result.ok and result.checks[0].actual_records == 600
+    assert result.ok and result.checks[0].actual_records == 400
     aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
     assert aliases["kb"].startswith("kb__sv_")
     assert records_of(store, "kb") == expected
@@ -255,6 +268,14 @@ def test_swap_switches_alias_and_replace_replaces(store, file_repo_url, qdrant_p
     aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
     assert aliases["kb"] != first and aliases["kb"].startswith("kb__sv_")
     assert client.collection_exists(first)  # kept for rollback
+    assert records_of(store, "kb") == expected
+
+    # replace through the alias: the physical collection is recreated, the alias kept
+    client.set_payload("kb", payload={"lang": "yy"}, points=[3])
+    live_physical = aliases["kb"]
+    result = _run_restore(file_repo_url, qdrant_path, "replace")
+    assert result.ok and result.pre_restore_snapshot is not None
+    assert {a.alias_name: a.collection_name for a in client.get_aliases().aliases}["kb"] == live_physical
     assert records_of(store, "kb") == expected
 
     # a backup sees the live name, not the staging names
@@ -268,7 +289,7 @@ def test_swap_switches_alias_and_replace_replaces(store, file_repo_url, qdrant_p
     assert result.ok and result.pre_restore_snapshot is not None
     assert records_of(store, "faq") == list(repo.iter_records(manifest.item("faq")))
     pre = repo.load_manifest(result.pre_restore_snapshot)
-    assert pre.item("faq").records == 299 and "pre-restore" in pre.tags
+    assert pre.item("faq").records == 199 and "pre-restore" in pre.tags
 
 
 def test_swap_removes_stale_staging_collections(store, file_repo_url, qdrant_path):
