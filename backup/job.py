@@ -126,7 +126,7 @@ def snapshot_source(repo: Repository, name: str, source_settings, *, tags: Itera
                 cut.backup_item(item, writer)
             if abort is not None and abort.is_set():
                 raise _AbortSignal()
-            manifest = writer.commit(cut.cut_time)
+            manifest = writer.commit(cut.cut_time, extra_info=cut.source_info)
         except _AbortSignal:
             writer.abort()
             raise Aborted(f"backup of {name} interrupted before commit; no snapshot was written") from None

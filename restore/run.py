@@ -5,7 +5,7 @@
 1. Resolve the snapshot (`latest`, an id or prefix, or `at` a point in time).
 2. Ask the target for a plan. It refuses *before writing anything* when the target holds live
    data and no mode says what to do, or when it cannot hold the snapshot (version gate).
-3. `replace` onto live data: take a pre-restore snapshot of exactly what will be overwritten
+3. `replace` or `swap` onto live data: take a pre-restore snapshot of exactly what will be overwritten
    (tagged `pre-restore`), so the restore itself can be undone.
 4. Stream the records (chunk hashes checked on read) into the target.
 5. `swap`: the target restored beside the live data; verify the staged copy, then switch.
@@ -61,20 +61,27 @@ class RestoreResult:
 
 
 class _Tee:
-    """The records of one plan, filtered, digested on the way into the target."""
+    """The records of one plan, filtered, digested on the way into the target.
 
-    def __init__(self, records: Iterator[bytes], plan: ItemPlan, canonical: Callable[[bytes], bytes]):
-        self._records, self._plan, self._canonical = records, plan, canonical
+    The digest covers only records the target will actually write: `written` (a target's
+    `written_filter`, e.g. Redis keys already expired under --ttl keep) excludes the rest.
+    """
+
+    def __init__(self, records: Iterator[bytes], plan: ItemPlan, canonical: Callable[[bytes], bytes],
+                 written: Callable[[bytes], bool] | None):
+        self._records, self._plan, self._canonical, self._written = records, plan, canonical, written
         self.digest = RecordDigest()
         self.bytes = 0
+        self.filtered = plan.record_filter is not None or written is not None
 
     def __iter__(self) -> Iterator[bytes]:
-        keep = self._plan.record_filter
+        keep, written = self._plan.record_filter, self._written
         for r in self._records:
             if keep is not None and not keep(r):
                 continue
-            self.digest.add(self._canonical(r))
-            self.bytes += len(r)
+            if written is None or written(r):
+                self.digest.add(self._canonical(r))
+                self.bytes += len(r)
             yield r
 
 
@@ -106,7 +113,7 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
         if dry_run:
             return result
         with repo.lease(f"restore {source} {manifest.id}"):
-            if mode == "replace" and any(p.live_records for p in plans):
+            if mode in ("replace", "swap") and any(p.live_records for p in plans):
                 # the target may hold an exclusive handle (Qdrant local mode): release it while we read
                 target.close()
                 selector = sorted({s for p in plans if p.live_records for s in p.backup_selector})
@@ -119,7 +126,8 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
             tees = []
             for plan in plans:
                 canon = _canonical(target, plan)
-                tee = _Tee(repo.iter_records(plan.item), plan, canon)
+                written = getattr(target, "written_filter", None)
+                tee = _Tee(repo.iter_records(plan.item), plan, canon, written(plan, options) if written else None)
                 target.restore(plan, iter(tee), options)
                 tees.append(tee)
                 result.records_restored += tee.digest.count
@@ -157,11 +165,7 @@ def _canonical(target, plan: ItemPlan) -> Callable[[bytes], bytes]:
 
 def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
     item = plan.item
-    skips = getattr(target, "expected_skips", None)
-    skipped = skips(plan) if skips is not None else set()
-    if skipped:
-        exp_count, exp_digest = _expected_without(repo, target, plan, skipped)
-    elif plan.partial:
+    if tee.filtered:
         exp_count, exp_digest = tee.digest.count, tee.digest.hexdigest
     else:
         exp_count, exp_digest = item.records, item.digest
@@ -172,21 +176,20 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
     canon = _canonical(target, plan)
     count, digest = digest_of(target.read_back(plan), canon)
     check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
-    if not check.ok:
+    ttl_check = getattr(target, "verify_ttls", None)
+    if ttl_check is not None and check.ok:
         keep = plan.record_filter
-
-        def expected() -> Iterator[bytes]:
-            for r in repo.iter_records(item):
-                if (keep is None or keep(r)) and target.record_key(item, r) not in skipped:
-                    yield r
-
-        check.diff = diff_sorted(expected(), target.read_back(plan), key=lambda r: target.record_key(item, r),
-                                 canonical=canon, classify=getattr(target, "classify", None))
+        ttls = ttl_check(plan, (r for r in repo.iter_records(item) if keep is None or keep(r)))
+        if not ttls.get("passed", True):
+            check.problems.append(f"TTLs differ: {ttls.get('ttl_differs')} keys")
+            check.diff = {"ttl": ttls}
+    if not check.ok and not check.diff:
+        custom = getattr(target, "diff", None)
+        keep = plan.record_filter
+        expected = (r for r in repo.iter_records(item) if keep is None or keep(r))
+        if custom is not None:
+            check.diff = custom(plan, expected)
+        else:
+            check.diff = diff_sorted(expected, target.read_back(plan), key=lambda r: target.record_key(item, r),
+                                     canonical=canon, classify=getattr(target, "classify", None))
     return check
-
-
-def _expected_without(repo: Repository, target, plan: ItemPlan, skipped: set) -> tuple[int, str]:
-    item, keep = plan.item, plan.record_filter
-    records = (r for r in repo.iter_records(item)
-               if (keep is None or keep(r)) and (not skipped or target.record_key(item, r) not in skipped))
-    return digest_of(records, _canonical(target, plan))

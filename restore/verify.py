@@ -25,10 +25,12 @@ class ItemCheck:
     actual_records: int
     actual_digest: str
     diff: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # checks beyond the digest (e.g. Redis TTLs)
 
     @property
     def ok(self) -> bool:
-        return self.expected_records == self.actual_records and self.expected_digest == self.actual_digest
+        return (self.expected_records == self.actual_records and self.expected_digest == self.actual_digest
+                and not self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"item": self.item, "target": self.target, "ok": self.ok,
@@ -36,6 +38,8 @@ class ItemCheck:
              "actual": {"records": self.actual_records, "digest": self.actual_digest}}
         if self.diff:
             d["diff"] = self.diff
+        if self.problems:
+            d["problems"] = self.problems
         return d
 
 

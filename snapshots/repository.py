@@ -23,6 +23,7 @@ from snapshots.stores.base import ObjectStore, open_store
 from snapshots.writer import SnapshotWriter
 
 T = TypeVar("T")
+PRE_RESTORE_TAG = "pre-restore"
 READ_AHEAD = 4
 
 
@@ -102,13 +103,19 @@ class Repository:
             return None  # forgotten while listing
 
     def resolve(self, ref: str = "latest", *, source: str | None = None, at: datetime | None = None) -> Manifest:
-        """`latest`, a full id or a unique id prefix; with `at`, the newest cut at or before it."""
+        """`latest`, a full id or a unique id prefix; with `at`, the newest cut at or before it.
+
+        `latest` and `at` never pick a `pre-restore` snapshot (the state a restore replaced):
+        after a restore, "latest" still means the newest backup. Name its id to restore one.
+        """
         if ref != "latest" and is_snapshot_id(ref):
             manifest = self.load_manifest(ref)
             if source is not None and manifest.source != source:
                 raise UsageError(f"snapshot {ref} belongs to source {manifest.source!r}, not {source!r}")
             return manifest
         candidates = self.list_snapshots(source=source)
+        if ref == "latest":
+            candidates = [m for m in candidates if PRE_RESTORE_TAG not in m.tags]
         where = f" for source {source!r}" if source else ""
         if at is not None:
             at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
