@@ -187,17 +187,6 @@ def ensure_index(root: Path, rows: int, dim: int, seed: int, distance: str) -> t
 
 # ---- timing ------------------------------------------------------------------------------
 
-def timed(fn, repeat: int) -> tuple[float, float]:
-    """(best, median) seconds of `repeat` calls, after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times), statistics.median(times)
-
-
 def floor_passes(matrix: np.ndarray, q: np.ndarray) -> dict:
     """Bare numpy passes over the memory-mapped matrix: each reads every byte once."""
     step = max(1024, BLOCK_BYTES // (4 * matrix.shape[1]))
@@ -231,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--queries", type=int, default=32, help="batch size for search_batch")
-    ap.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (best is reported)")
+    ap.add_argument("--repeat", type=int, default=10, help="timed rounds (best is reported)")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distance", default="Cosine", choices=["Cosine", "Dot", "Euclid", "Manhattan"])
@@ -266,48 +255,66 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, coll_dir: Path, npy: Path) -> None:
     rng = np.random.default_rng(args.seed + 1)
     queries = rng.standard_normal((max(args.queries, args.repeat + 1), args.dim)).astype(np.float32)
-    run_warm(args, coll_dir, npy, queries)
+    warm_single = run_warm(args, coll_dir, npy, queries)
     if not args.no_cold:
         gc.collect()  # run_warm's mappings of the matrix are gone: mapped pages cannot be evicted
-        run_cold(args, coll_dir, npy, queries)
+        run_cold(args, coll_dir, npy, queries, warm_single)
 
 
-def run_warm(args, coll_dir: Path, npy: Path, queries: np.ndarray) -> None:
+def run_warm(args, coll_dir: Path, npy: Path, queries: np.ndarray) -> float:
+    """The warm measurements, interleaved round by round so that they share the machine's load."""
     qlist = [q.tolist() for q in queries]
     k, n = args.top_k, args.repeat
     gb = npy.stat().st_size / 1e9
     coll = OfflineCollection.open(coll_dir)
     matrix = coll.matrix("")
-    print(f"warm runs: best of {n} after one warm-up; matrix {npy.name} {resident_fraction(npy):.0%} resident")
-
-    floors = {}
-    for label, fn in floor_passes(matrix, queries[0]).items():
-        floors[label] = timed(fn, n)
-        best, med = floors[label]
-        print(f"  floor {label:<26} {ms(best)} (median {ms(med)}, {gb / best:5.1f} GB/s)")
-    floor_label = min(floors, key=lambda lb: floors[lb][0])
-    floor = floors[floor_label][0]
-    print(f"  floor = {floor_label}: {ms(floor)}")
-
-    turn = iter(range(10**9))  # a different query each run
-    best, med = timed(lambda: coll.search(qlist[next(turn) % len(qlist)], top_k=k), n)
-    print(line(f"single query top-{k}", best, floor, "floor", f"   (goal <= 1.30x; median {ms(med).strip()})"))
-
+    print(f"warm runs: best of {n} rounds (all contenders in each round) after one warm-up; "
+          f"matrix {npy.name} {resident_fraction(npy):.0%} resident")
     batch = qlist[:args.queries]
-    best, med = timed(lambda: coll.search_batch(batch, top_k=k), max(2, n // 2))
-    print(line(f"batch of {len(batch)} (total)", best, floor, "floor"))
-    print(line(f"batch of {len(batch)} (per query)", best / len(batch), floor, "floor"))
+    turn = iter(range(10**9))  # a different query each run
+    contenders = {f"floor {label}": fn for label, fn in floor_passes(matrix, queries[0]).items()}
+    contenders["single"] = lambda: coll.search(qlist[next(turn) % len(qlist)], top_k=k)
+    contenders["batch"] = lambda: coll.search_batch(batch, top_k=k)
+    contenders["filtered"] = lambda: coll.search(qlist[next(turn) % len(qlist)], top_k=k, filter=FILTER)
 
     started = time.perf_counter()
     hits = coll.search(qlist[0], top_k=k, filter=FILTER)
-    first = time.perf_counter() - started
+    mask_first = time.perf_counter() - started
     selected = coll.count(filter=FILTER) / max(1, coll.points_count)
-    best, med = timed(lambda: coll.search(qlist[next(turn) % len(qlist)], top_k=k, filter=FILTER), n)
-    print(line(f"filtered {selected:.0%} top-{k} (mask cached)", best, floor, "floor",
-               f"   (first call with mask build {ms(first).strip()}, {len(hits)} hits)"))
+    times = timed_rounds(contenders, n)
+
+    floors = {label: t for label, t in times.items() if label.startswith("floor ")}
+    for label, t in floors.items():
+        print(f"  {label:<32} {ms(min(t))} (median {ms(statistics.median(t))}, {gb / min(t):5.1f} GB/s)")
+    floor_label = min(floors, key=lambda lb: min(floors[lb]))
+    floor = min(floors[floor_label])
+    print(f"  floor = {floor_label[6:]}: {ms(floor)}")
+    single = min(times["single"])
+    print(line(f"single query top-{k}", single, floor, "floor",
+               f"   (goal <= 1.30x; medians {ms(statistics.median(times['single'])).strip()} vs "
+               f"{ms(statistics.median(floors[floor_label])).strip()})"))
+    best = min(times["batch"])
+    print(line(f"batch of {len(batch)} (total)", best, floor, "floor"))
+    print(line(f"batch of {len(batch)} (per query)", best / len(batch), floor, "floor"))
+    print(line(f"filtered {selected:.0%} top-{k} (mask cached)", min(times["filtered"]), floor, "floor",
+               f"   (first call with mask build {ms(mask_first).strip()}, {len(hits)} hits)"))
+    return single
 
 
-def run_cold(args, coll_dir: Path, npy: Path, queries: np.ndarray) -> None:
+def timed_rounds(contenders: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each contender per round, after one untimed warm-up call of each."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {label: [] for label in contenders}
+    for _ in range(rounds):
+        for label, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - started)
+    return times
+
+
+def run_cold(args, coll_dir: Path, npy: Path, queries: np.ndarray, warm_single: float) -> None:
     """Two rounds of: drop the cache, a fresh collection's first search; drop again, a bare pass."""
     q, k = queries[0].tolist(), args.top_k
     gb = npy.stat().st_size / 1e9
@@ -331,12 +338,10 @@ def run_cold(args, coll_dir: Path, npy: Path, queries: np.ndarray) -> None:
         cold_floor.append(time.perf_counter() - started)
         del mat
         gc.collect()
-    warm = OfflineCollection.open(coll_dir)
-    warm_best, _ = timed(lambda: warm.search(q, top_k=k), args.repeat)
     cold_best, cold_floor_best = min(cold_ours), min(cold_floor)
     print(line(f"cold single query top-{k}", cold_best, cold_floor_best, "cold floor (matrix @ q)",
                f"   ({gb / cold_best:.2f} GB/s from disk)"))
-    print(line("cold vs warm single query", cold_best, warm_best, "warm"))
+    print(line("cold vs warm single query", cold_best, warm_single, "warm"))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ from snapshots.offline.search import OfflineIndex
 from snapshots.repository import open_repository
 from tests.integration.test_qdrant_store import seeded_template, settings, small_repo  # noqa: F401 - a fixture
 
+# local mode's own notices about options it ignores (payload indexes, exact search)
+pytestmark = [pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection:UserWarning")]
+
 
 @pytest.fixture
 def backed_up(seeded_template, qdrant_path, file_repo_url):

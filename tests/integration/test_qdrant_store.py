@@ -38,6 +38,10 @@ from snapshots.settings import QdrantSource as QdrantSettings
 from snapshots.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+# local mode's own notices about options it ignores (payload indexes, exact search)
+pytestmark = [pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection:UserWarning")]
 
 
 def small_repo(url: str):
