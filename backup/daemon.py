@@ -47,13 +47,13 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from backup.daemon_jobs import (JOB_BODIES, JobOutcome, JobReport, JobSpec, load_drill, load_status, open_repo,
-                                plan_jobs, save_status, status_record)
+from backup.daemon_jobs import (JOB_BODIES, JobOutcome, JobReport, JobSpec, SnapshotIndex, load_drill, load_status,
+                                open_repo, plan_jobs, save_status, status_record)
 from backup.metrics import DaemonMetrics, MetricsServer
 from backup.schedule import CroniterTrigger, TickExecutor, due_run, initial_next_run, is_misfire
 from snapshots.errors import LockedError, StatevaultError
 from snapshots.leases import acquire_lease, claim_once, default_owner
-from snapshots.settings import Settings
+from snapshots.settings import Settings, redact_url
 
 log = logging.getLogger("statevault.daemon")
 
@@ -78,6 +78,7 @@ class Daemon:
         self.drill_fn = load_drill() if drill_fn is _LAZY else drill_fn
         self.repo_factory = repo_factory or open_repo
         self.metrics = metrics or DaemonMetrics()
+        self.snapshots = SnapshotIndex()
         self.owner = owner or default_owner()
         self.clock = clock
         self.abort = threading.Event()      # set: running backups stop before committing
@@ -198,7 +199,7 @@ class Daemon:
                 try:
                     save_status(repo, record)
                     if spec.kind in ("backup", "retention"):
-                        self.metrics.repository_state(repo.list_snapshots(), settings.sources)
+                        self.metrics.repository_state(self.snapshots.refresh(repo), settings.sources)
                 except StatevaultError as exc:
                     log.warning("status_not_saved", extra={**fields, "error": exc.message})
         return self._record(JobOutcome(name, tick, result, run_id, duration, report.error, report.detail), spec.source)
@@ -302,7 +303,7 @@ class Daemon:
                 record = load_status(repo, name)
                 if record is not None:
                     self.metrics.apply_status(record)
-            self.metrics.repository_state(repo.list_snapshots(), settings.sources)
+            self.metrics.repository_state(self.snapshots.refresh(repo), settings.sources)
         except StatevaultError as exc:
             log.warning("metrics_refresh_failed", extra={"error": exc.message})
 
@@ -328,7 +329,8 @@ class Daemon:
                                 id="metrics-refresh", executor="plain", coalesce=True, max_instances=1)
         self._scheduler.start()
         log.info("daemon_started", extra={"owner": self.owner, "jobs": sorted(self.jobs),
-                                          "timezone": d.timezone, "repository": self.settings.repository.url})
+                                          "timezone": d.timezone,
+                                          "repository": redact_url(self.settings.repository.url)})
 
     def _schedule(self, names: set[str]) -> None:
         now, grace = self.clock(), self.settings.daemon.misfire_grace_seconds

@@ -27,6 +27,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
@@ -186,3 +188,48 @@ def load_status(repo: "Repository", job: str) -> dict | None:
         log.warning("status_unreadable", extra={"job": job, "error": str(exc)})
         return None
     return record if isinstance(record, dict) and "tick" in record and "job" in record else None
+
+
+# ---- the repository's snapshots, for metrics -----------------------------------------------
+
+@dataclass(frozen=True)
+class SnapshotSummary:
+    id: str
+    source: str
+    cut_time: datetime
+    finished_at: datetime
+
+
+class SnapshotIndex:
+    """Source, cut and finish time of every snapshot in the repository, for the metrics.
+
+    Manifests never change once written, so each is read once per process: a refresh costs one
+    listing plus the manifests that are new since the last one (a daemon refreshing every few
+    minutes must not re-read thousands of manifests each time).
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, SnapshotSummary] = {}
+        self._lock = threading.Lock()
+
+    def refresh(self, repo: "Repository") -> list[SnapshotSummary]:
+        """Every readable snapshot, oldest cut first. Unreadable manifests are left out."""
+        ids = set(repo.snapshot_ids())
+        with self._lock:
+            missing = sorted(ids - set(self._known))
+
+        def load(snapshot_id: str) -> SnapshotSummary | None:
+            try:
+                m = repo.load_manifest(snapshot_id)
+            except StatevaultError:
+                return None  # damaged (check reports it) or forgotten meanwhile
+            return SnapshotSummary(m.id, m.source, m.cut_time, m.finished_at)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            loaded = [s for s in pool.map(load, missing) if s is not None]
+        with self._lock:
+            for summary in loaded:
+                self._known[summary.id] = summary
+            for gone in set(self._known) - ids:
+                del self._known[gone]
+            return sorted(self._known.values(), key=lambda s: (s.cut_time, s.id))

@@ -187,7 +187,8 @@ class DaemonMetrics:
 
     # ---- the repository's state --------------------------------------------------------
     def repository_state(self, manifests: Iterable, sources: Iterable[str]) -> None:
-        """Snapshots kept, oldest and newest point per configured source (manifests oldest first)."""
+        """Snapshots kept, oldest and newest point per configured source, from snapshot summaries
+        (anything with source, cut_time, finished_at), oldest cut first."""
         by_source: dict[str, list] = {name: [] for name in sources}
         for m in manifests:
             if m.source in by_source:

@@ -129,10 +129,6 @@ class Lease:
         info = _decode(self.store, holder) if holder else None
         return top, (info if info is not None and not info.expired and info.key != self.key else None)
 
-    def _live_shared(self) -> list[LeaseInfo]:
-        return [i for i in list_leases(self.store, self.name)
-                if not i.exclusive and not i.expired and i.key != self.key]
-
     def _acquire_exclusive(self) -> None:
         top, holder = self._live_exclusive()
         if holder is not None:
@@ -142,15 +138,18 @@ class Lease:
             winner = _decode(self.store, key)
             raise LockedError("repository is locked: " + (winner.describe() if winner else "another process won the lease"))
         self.key = key
-        shared = self._live_shared()
+        leases = list_leases(self.store, self.name)
+        shared = [i for i in leases if not i.exclusive and not i.expired]
         if shared:
             self.release()
             raise LockedError(f"repository is in use: {shared[0].describe()}"
                               + (f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""))
-        for obj in self.store.list(f"locks/{self.name}"):  # older generations are expired: tidy up
-            m = _X.match(obj.key.rsplit("/", 1)[-1])
-            if m and int(m.group(1)) <= top:
-                self.store.delete(obj.key)
+        # tidy up: older generations are expired or released, and expired shared leases belong to
+        # holders that died (a killed backup); neither blocks anyone, both would linger forever
+        for info in leases:
+            m = _X.match(info.key.rsplit("/", 1)[-1])
+            if (m and int(m.group(1)) <= top) or (not info.exclusive and info.expired):
+                self.store.delete(info.key)
 
     def _acquire_shared(self) -> None:
         self.key = f"locks/{self.name}/shared-{uuid.uuid4().hex}.json"

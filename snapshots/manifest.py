@@ -62,7 +62,7 @@ class Item(Model):
     format: str                    # record format, documented in README ("Open format")
     records: int
     digest: str
-    digest_algo: str = "blake3-sum128"
+    digest_algo: str = "xxh3-128-sum128"  # snapshots.codec.DIGEST_ALGO; older items say "blake3-sum128"
     bytes: int                     # uncompressed
     stored_bytes: int
     chunks: list[ChunkRef]

@@ -68,6 +68,8 @@ class _Uploader:
 
     def _done(self, fut: Future) -> None:
         self._slots.release()
+        if fut.cancelled():  # abort(): exception() would raise CancelledError inside this callback
+            return
         if fut.exception() is not None and self.error is None:
             self.error = fut.exception()
 

@@ -11,10 +11,10 @@ object keys sorted at every level (so the top level is id, payload, vector):
 
 - id: an unsigned integer, or a UUID as lowercase hyphenated text.
 - payload: the point's payload (an object, {} when it has none).
-- vector: a list of numbers for a collection with one unnamed vector; otherwise an object
-  {name: value} holding the vectors the point has, where a dense vector is a list of numbers, a
-  multivector a list of such lists, and a sparse vector {"indices": [...], "values": [...]}.
-  {} for a point without vectors.
+- vector: a list of numbers for a collection whose only vector is one unnamed dense vector;
+  otherwise an object {name: value} holding the vectors the point has (the unnamed dense vector
+  under ""), where a dense vector is a list of numbers, a multivector a list of such lists, and
+  a sparse vector {"indices": [...], "values": [...]}. {} for a point without vectors.
 - Every vector number is a float32 written as the shortest decimal that reads back as the same
   float32 (orjson's float32 output: 0.1, not 0.10000000149011612). Integers ids and payloads are
   as Qdrant returns them.
@@ -244,13 +244,14 @@ class PointEncoder:
             else:
                 rows = [(p.vector or {}).get(name) for p in points]
             dense[name], present[name] = self._matrix(rows, size, name, dist == "Cosine")
+        simple = lay.unnamed and not lay.sparse and not lay.multi
         lines, point_lines = [], []
         for i, p in enumerate(points):
-            if lay.unnamed:
+            if simple:
                 vec: Any = dense[""][i] if present[""][i] else {}
             else:
                 vec = {name: dense[name][i] for name in dense if present[name][i]}
-                if p.vector:
+                if isinstance(p.vector, dict):
                     self._add_other(vec, p.vector)
             head = b'{"id":' + orjson.dumps(p.id) + b',"payload":' + orjson.dumps(p.payload or {}, option=_NUMPY)
             lines.append(head + b',"vector":' + orjson.dumps(vec, option=_NUMPY) + b"}\n")
@@ -371,18 +372,26 @@ class QdrantSource:
         configured = list(dict.fromkeys(self.settings.collections))
         if configured:
             for name in configured:
-                try:
-                    with qdrant_call(f"find collection {name!r}"):
-                        client.get_collection(name)  # resolves aliases too
-                except NotFoundError:
-                    raise NotFoundError(f"collection {name!r} (in the source config) does not exist") from None
+                if not _exists(client, name):  # get_collection resolves aliases too
+                    raise NotFoundError(f"collection {name!r} (in the source config) does not exist")
             names = configured
         else:
             names = list_collection_names(client)
         if only:
-            unknown = [o for o in only if o not in names]
+            # any existing collection or alias may be named (a pre-restore snapshot covers
+            # whatever a restore is about to overwrite, configured or not)
+            unknown = [o for o in only if o not in names and not _exists(client, o)]
             if unknown:
                 raise NotFoundError(f"no collection {', '.join(map(repr, unknown))} in this source "
                                     f"(collections: {', '.join(names) or 'none'})")
-            names = [n for n in names if n in set(only)]
+            names = sorted(set(only))
         return names
+
+
+def _exists(client: Any, name: str) -> bool:
+    try:
+        with qdrant_call(f"find collection {name!r}"):
+            client.get_collection(name)
+    except NotFoundError:
+        return False
+    return True

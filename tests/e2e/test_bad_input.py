@@ -23,8 +23,9 @@ STATEVAULT = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "cli.app"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def statevault(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def statevault(cwd: Path, *args: str, timeout: float = 60, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STATEVAULT_", "AWS_"))}
+    env.update(env_extra or {})
     env["PYTHONPATH"] = str(ROOT)
     env["COLUMNS"] = "200"  # keep rich from wrapping long ids in the middle of an assertion
     return subprocess.run([*STATEVAULT, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -65,6 +66,8 @@ def test_missing_config_file_given_by_flag_exits_2(tmp_path):
     result = statevault(tmp_path, "--config", "missing.toml", "init")
     assert result.returncode == 2
     assert "missing.toml" in result.stderr and "does not exist" in result.stderr
+    from_env = statevault(tmp_path, "init", env_extra={"STATEVAULT_CONFIG": "also-missing.toml"})
+    assert from_env.returncode == 2 and "also-missing.toml" in from_env.stderr
     assert not (tmp_path / "statevault-repo").exists()
 
 

@@ -443,7 +443,7 @@ def test_two_daemon_processes_run_each_tick_exactly_once(s3_repo_url, redis_url,
     processes += [a, b]
     for p in (a, b):
         p.wait_for(lambda e: e["event"] == "daemon_started")
-    time.sleep(5)
+    time.sleep(4.5)
     assert a.stop() == 0 and b.stop() == 0
     runs = a.runs() + b.runs()
     ran = [tick for tick, r in runs if r in ("ok", "failed")]
@@ -464,8 +464,8 @@ def test_two_daemon_processes_run_each_tick_exactly_once(s3_repo_url, redis_url,
 def test_killed_daemon_loses_its_lease_and_the_other_takes_over(s3_repo_url, redis_url, tmp_path, processes):
     seed(redis_url, 10)
     config = write_config(tmp_path / "statevault.toml", s3_repo_url, redis_url)
-    a = DaemonProcess.driver(config, tmp_path / "a.log", "--backup-delay", "3")
-    b = DaemonProcess.driver(config, tmp_path / "b.log", "--backup-delay", "3")
+    a = DaemonProcess.driver(config, tmp_path / "a.log", "--backup-delay", "2")
+    b = DaemonProcess.driver(config, tmp_path / "b.log", "--backup-delay", "2")
     processes += [a, b]
     for p in (a, b):
         p.wait_for(lambda e: e["event"] == "daemon_started")
@@ -502,7 +502,7 @@ def test_sigterm_during_a_backup_exits_cleanly(file_repo_url, redis_url, tmp_pat
                                                 expect_snapshot):
     """One SIGTERM: the running backup finishes, then exit 0. Two: it is aborted before its
     manifest, exit 0, and no partial snapshot is visible."""
-    seed(redis_url, 30000)
+    seed(redis_url, 20000)
     config = write_config(tmp_path / "statevault.toml", file_repo_url, redis_url, schedule="* * * * * */2")
     p = DaemonProcess.driver(config, tmp_path / "d.log", "--progress-delay", "0.3")
     processes.append(p)
@@ -522,7 +522,7 @@ def test_sigterm_during_a_backup_exits_cleanly(file_repo_url, redis_url, tmp_pat
     snaps = repo.list_snapshots()
     assert len(snaps) == (1 if expect_snapshot else 0)
     if expect_snapshot:
-        assert snaps[0].records == 30000
+        assert snaps[0].records == 20000
     report = check_repository(repo, read_data=True)
     assert report.ok and not repo.manifest_errors
 

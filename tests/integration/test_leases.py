@@ -62,7 +62,9 @@ HOLDER = textwrap.dedent('''
     from snapshots.leases import acquire_lease
     from snapshots.stores.base import open_store
 
-    lease = acquire_lease(open_store(sys.argv[1]), "repository", exclusive=True, purpose="nightly prune",
+    exclusive = len(sys.argv) < 4 or sys.argv[3] != "shared"
+    lease = acquire_lease(open_store(sys.argv[1]), "repository", exclusive=exclusive,
+                          purpose="nightly prune" if exclusive else "backup memory",
                           ttl=float(sys.argv[2]), owner="holder-host:4242")
     print("HELD", lease.key, flush=True)
     while True:
@@ -146,6 +148,23 @@ def test_expired_lease_of_a_killed_holder_is_taken_over(store, repo_url, tmp_pat
             assert lease.key > held_key  # a newer generation
             live = [i for i in list_leases(store) if not i.expired]
             assert [(i.owner, i.purpose) for i in live] == [(lease.owner, "prune")]
+    finally:
+        kill(holder)
+
+
+def test_expired_shared_lease_of_a_killed_backup_blocks_nothing_and_is_tidied(file_repo_url, tmp_path):
+    store = open_store(file_repo_url)
+    holder = spawn(tmp_path, "holder", HOLDER, file_repo_url, "0.6", "shared")
+    try:
+        assert read_line(holder, 30).startswith("HELD")
+        with pytest.raises(LockedError, match="backup memory"):
+            acquire_lease(store, "repository", exclusive=True, purpose="prune", ttl=30)
+        kill(holder)
+        time.sleep(0.8)
+        (dead,) = list_leases(store)
+        assert dead.expired and not dead.exclusive
+        with acquire_lease(store, "repository", exclusive=True, purpose="prune", ttl=30) as lease:
+            assert [i.key for i in list_leases(store)] == [lease.key]  # the dead holder's object is gone
     finally:
         kill(holder)
 

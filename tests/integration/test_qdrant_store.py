@@ -384,6 +384,13 @@ def test_only_and_unknown_collections(store, qdrant_path):
     with pytest.raises(NotFoundError):
         with source.open(only=["missing"]):
             pass
+    store.client.update_collection_aliases(change_aliases_operations=[
+        m.CreateAliasOperation(create_alias=m.CreateAlias(collection_name="faq", alias_name="faq_live"))])
+    with source.open() as cut:  # a user's own alias is not listed twice...
+        assert [i.name for i in cut.items()] == ["faq", "kb"]
+    with source.open(only=["faq_live"]) as cut:  # ...but can be named
+        [item] = cut.items()
+        assert item.name == "faq_live" and len(list(cut.records(item))) == 200
     with pytest.raises(NotFoundError):
         with QdrantSource(settings(qdrant_path, collections=["missing"])).open():
             pass
@@ -408,3 +415,36 @@ def test_unreachable_server_is_a_retryable_source_error():
 def test_unmapped_exception_is_not_retryable():
     err = translate_qdrant_error(KeyError("boom"), "scroll kb")
     assert isinstance(err, SourceError) and not err.retryable and "KeyError" in err.message
+
+
+def test_round_trip_unnamed_with_sparse_and_multivectors(qdrant_path, file_repo_url):
+    rng = np.random.default_rng(3)
+    handle = connect_qdrant(path=str(qdrant_path))
+    try:
+        c = handle.client
+        c.create_collection("mixed", vectors_config=m.VectorParams(size=6, distance="Cosine"),
+                            sparse_vectors_config={"sp": m.SparseVectorParams()})
+        c.create_collection("colbert", vectors_config={
+            "mv": m.VectorParams(size=4, distance="Cosine", multivector_config=m.MultiVectorConfig(comparator="max_sim")),
+            "small": m.VectorParams(size=3, distance="Manhattan")})
+        c.upsert("mixed", [m.PointStruct(id=i, vector={"": rng.standard_normal(6).tolist(), **(
+            {"sp": m.SparseVector(indices=[i, i + 5], values=[0.25, 0.5])} if i % 2 else {})}) for i in range(60)])
+        c.upsert("colbert", [m.PointStruct(id=i, vector={"mv": rng.standard_normal((1 + i % 3, 4)).tolist(),
+                                                         "small": rng.standard_normal(3).tolist()}) for i in range(60)])
+        repo = small_repo(file_repo_url)
+        manifest, _ = backup(repo, qdrant_path)
+        first = orjson.loads(next(iter(repo.iter_records(manifest.item("mixed")))))
+        assert sorted(first["vector"]) == [""]  # point 0 has no sparse vector, but the layout is a dict
+        assert sorted(orjson.loads(list(repo.iter_records(manifest.item("mixed")))[1])["vector"]) == ["", "sp"]
+        offline = sorted(i.name for i in manifest.offline_index)
+        assert offline == ["colbert#points", "colbert#vectors:small", "mixed#points", "mixed#vectors:"]
+        target = QdrantTarget(path=str(qdrant_path))
+        try:
+            for name in ("mixed", "colbert"):
+                [plan] = target.plan(manifest, only=[name], into=f"{name}_copy", mode="new")
+                target.restore(plan, repo.iter_records(plan.item), RestoreOptions())
+                assert digest_of(target.read_back(plan)) == (60, plan.item.digest)
+        finally:
+            target.close()
+    finally:
+        handle.close()

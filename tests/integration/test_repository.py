@@ -1,13 +1,15 @@
 """The repository through its Python API, on both stores: write, read back, dedup, resolve."""
 from __future__ import annotations
 
+import logging
+import threading
 from datetime import timedelta
 
 import orjson
 import pytest
 
 from snapshots import codec
-from snapshots.errors import ManifestError, NotFoundError, UsageError
+from snapshots.errors import Aborted, ManifestError, NotFoundError, UsageError
 from snapshots.manifest import RepoConfig, utcnow
 from snapshots.repository import open_repository
 
@@ -153,3 +155,29 @@ def test_a_renamed_manifest_is_refused(repo):
         repo.load_manifest(fake)
     assert [x.id for x in repo.list_snapshots()] == [m.id]
     assert len(repo.manifest_errors) == 1
+
+
+def test_an_aborted_snapshot_is_invisible_and_aborts_quietly(repo, caplog):
+    gate = threading.Event()
+    real_put = repo.store.put
+
+    def held_put(key, data):  # the first upload blocks until after abort() was called
+        gate.wait(10)
+        real_put(key, data)
+
+    repo.store.put = held_put
+    repo.upload_concurrency = 1  # one upload running, one queued: abort() has a future to cancel
+    writer = repo.begin_snapshot("memory", "postgres")
+    item = writer.item("t", "table", "jsonl")
+    emitted, rows = 0, iter(memory_rows(5000))
+    while emitted < 2:  # stop after the second chunk: a third would wait for a free slot
+        before = writer.stats.bytes_read
+        item.add(next(rows))
+        emitted += writer.stats.bytes_read != before
+    threading.Timer(0.3, gate.set).start()
+    with caplog.at_level(logging.ERROR):
+        writer.abort()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert repo.list_snapshots() == []
+    with pytest.raises(Aborted):
+        writer.check_aborted(gate)

@@ -159,6 +159,8 @@ def test_exists_and_stat(store):
     assert (info.key, info.size) == ("s/k", 5)
     # a "directory" level is not an object
     assert store.exists("s") is False
+    with pytest.raises(NotFoundError):
+        store.stat("s")
 
 
 def test_missing_key_is_not_found(store):

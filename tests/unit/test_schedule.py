@@ -104,3 +104,35 @@ def test_naive_datetimes_are_refused():
         CronSchedule("* * * * *").next_after(datetime(2026, 1, 1))
     with pytest.raises(ValueError):
         CronSchedule("not cron")
+
+
+# ---- the daemon's JSON log lines (backup/logging_json.py) -------------------------------------
+
+def test_json_log_lines_carry_fields_and_never_secrets():
+    import io
+    import json
+    import logging
+
+    from backup.logging_json import JsonFormatter, redact_text
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("statevault.test.jsonlog")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.error("job_finished", extra={
+            "job": "backup-memory", "source": "memory", "run_id": "abc123", "duration": 1.23456, "result": "failed",
+            "error": "cannot reach postgresql://agent:hunter2@db:5432/mem?sslmode=require&password=p4ss"})
+    finally:
+        logger.removeHandler(handler)
+    line = stream.getvalue()
+    assert line.count("\n") == 1
+    event = json.loads(line)
+    assert event["event"] == "job_finished" and event["level"] == "error" and event["ts"].endswith("Z")
+    assert (event["job"], event["source"], event["run_id"], event["duration"]) == ("backup-memory", "memory", "abc123",
+                                                                                   1.235)
+    assert "hunter2" not in line and "p4ss" not in line
+    assert "postgresql://agent:***@db:5432/mem?sslmode=require&password=***" in event["error"]
+    assert redact_text("redis://:s3cret@h:6379/0 and s3://bucket/prefix") == "redis://:***@h:6379/0 and s3://bucket/prefix"
