@@ -124,7 +124,7 @@ def test_two_processes_racing_for_an_exclusive_lease_one_wins_each_round(store, 
 
 
 def test_expired_lease_of_a_killed_holder_is_taken_over(store, repo_url, tmp_path):
-    holder = spawn(tmp_path, "holder", HOLDER, repo_url, "1.5")
+    holder = spawn(tmp_path, "holder", HOLDER, repo_url, "1.0")
     try:
         line = read_line(holder, 30)
         assert line.startswith("HELD"), holder.stderr.read().decode() if holder.poll() is not None else line
@@ -215,9 +215,9 @@ def test_shared_and_exclusive_exclude_each_other(store):
 
 
 def test_refresh_keeps_a_lease_alive_past_its_ttl(store):
-    lease = acquire_lease(store, "repository", exclusive=True, purpose="long prune", ttl=0.6)
+    lease = acquire_lease(store, "repository", exclusive=True, purpose="long prune", ttl=0.4)
     try:
-        time.sleep(1.5)  # 2.5 ttls
+        time.sleep(1.0)  # 2.5 ttls
         with pytest.raises(LockedError, match="long prune"):
             acquire_lease(store, "repository", exclusive=True, purpose="other", ttl=30)
         (info,) = list_leases(store)
@@ -227,10 +227,11 @@ def test_refresh_keeps_a_lease_alive_past_its_ttl(store):
     assert list_leases(store) == []
 
 
-def test_prune_is_blocked_by_a_live_exclusive_lease_and_locks_list_shows_it(repo_url, tmp_path):
-    open_repository(repo_url, create=True)
-    store = open_store(repo_url)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "STATEVAULT_REPOSITORY__URL": repo_url}
+def test_prune_is_blocked_by_a_live_exclusive_lease_and_locks_list_shows_it(file_repo_url, tmp_path):
+    # the real command as a subprocess; the lease logic itself runs on both stores above
+    open_repository(file_repo_url, create=True)
+    store = open_store(file_repo_url)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STATEVAULT_REPOSITORY__URL": file_repo_url}
     statevault = [str(Path(sys.executable).parent / "statevault")]
     with acquire_lease(store, "repository", exclusive=True, purpose="forget", ttl=60, owner="ops-host:777"):
         with acquire_lease(store, "job-backup-memory", exclusive=False, purpose="backup memory", ttl=60,
