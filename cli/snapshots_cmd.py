@@ -10,8 +10,9 @@ from rich.table import Table
 from cli import retention_cmd
 from cli.context import console, emit_json, fmt_time, human_bytes, state, with_repository
 from snapshots.check import check_repository
-from snapshots.errors import UsageError, VerificationError
+from snapshots.errors import ManifestError, UsageError, VerificationError
 from snapshots.leases import list_leases
+from snapshots.manifest import is_snapshot_id
 from snapshots.prune import prune_repository
 from snapshots.settings import approx_timedelta
 
@@ -105,7 +106,11 @@ def check(ctx: typer.Context,
 
 
 @app.command()
-def forget(ctx: typer.Context, source: SourceOpt = None,
+def forget(ctx: typer.Context,
+           snapshot_ids: Annotated[Optional[list[str]], typer.Argument(
+               metavar="[ID]...", help="Forget exactly these snapshots (ids or unique prefixes, e.g. the broken ones "
+                                       "`check` names) instead of applying a retention policy.")] = None,
+           source: SourceOpt = None,
            dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed.")] = False,
            keep_last: Annotated[Optional[int], retention_cmd._count("last")] = None,
            keep_hourly: Annotated[Optional[int], retention_cmd._count("hourly")] = None,
@@ -116,17 +121,22 @@ def forget(ctx: typer.Context, source: SourceOpt = None,
            keep_within: Annotated[Optional[str], retention_cmd._within(None)] = None,
            keep_tag: Annotated[Optional[list[str]], typer.Option("--keep-tag", metavar="TAGS")] = None,
            json: JsonOpt = False) -> None:
-    """Remove snapshots that the retention policy (config, or these flags) does not keep."""
+    """Remove snapshots that the retention policy (config, or these flags) does not keep, or the given IDs."""
     from backup.forget import forget_snapshots
 
     flags = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily, keep_weekly=keep_weekly,
                  keep_monthly=keep_monthly, keep_yearly=keep_yearly, keep_within=keep_within,
                  keep_tag=keep_tag or [])
     policy = retention_cmd.build_policy(flags) if any(v not in (None, []) for v in flags.values()) else None
+    if snapshot_ids and (policy is not None or source):
+        raise UsageError("give snapshot IDs, or a policy (--source / --keep-*), not both")
     settings = state(ctx).settings
     with with_repository(ctx) as repo:
-        result = forget_snapshots(repo, settings, sources=[source] if source else None, policy=policy,
-                                  dry_run=dry_run)
+        if snapshot_ids:
+            result = _forget_ids(repo, snapshot_ids, dry_run)
+        else:
+            result = forget_snapshots(repo, settings, sources=[source] if source else None, policy=policy,
+                                      dry_run=dry_run)
     if json:
         emit_json(result.to_dict())
         return
@@ -139,6 +149,35 @@ def forget(ctx: typer.Context, source: SourceOpt = None,
         console.print(table)
     console.print(f"{result.removed} snapshots {'would be ' if dry_run else ''}removed; run "
                   "`statevault snapshots prune` to free their chunks")
+
+
+def _forget_ids(repo, refs: list[str], dry_run: bool):
+    """Delete exactly the named manifests (the operator's explicit choice: no retention rule applies).
+
+    A full id whose manifest is unreadable can still be forgotten: that is how a damaged one goes.
+    """
+    from backup.forget import ForgetResult
+
+    chosen: dict[str, tuple[str, str | None]] = {}
+    for ref in refs:
+        if ref == "latest":
+            raise UsageError("forget takes snapshot ids (from `statevault snapshots list`), not `latest`")
+        if is_snapshot_id(ref) and repo.store.exists(f"snapshots/{ref}.json"):
+            try:
+                m = repo.load_manifest(ref)
+                chosen[m.id] = (m.source, m.cut_time.isoformat())
+            except ManifestError:
+                chosen[ref] = ("(unreadable manifest)", None)
+        else:
+            m = repo.resolve(ref)
+            chosen[m.id] = (m.source, m.cut_time.isoformat())
+    result = ForgetResult(dry_run=dry_run)
+    with repo.lease("forget", exclusive=True):
+        for sid, (src, cut) in chosen.items():
+            result.sources.setdefault(src, {"keep": [], "remove": []})["remove"].append({"id": sid, "time": cut})
+            if not dry_run:
+                repo.delete_snapshot(sid)
+    return result
 
 
 @app.command()

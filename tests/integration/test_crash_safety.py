@@ -29,6 +29,7 @@ from snapshots.repository import open_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 STATEVAULT = [sys.executable, "-m", "cli.app"]
+ROWS = 6000  # about a dozen chunks at the tests' 16 KiB average chunk size
 
 CHILD = textwrap.dedent('''
     import os, sys, threading, time
@@ -37,11 +38,13 @@ CHILD = textwrap.dedent('''
     from snapshots.repository import open_repository
 
     crash_at = os.environ["SV_CRASH_AT"]
+    ROWS = int(os.environ["SV_ROWS"])
     after = int(os.environ.get("SV_CRASH_AFTER_CHUNKS", "3"))
     repo = open_repository(sys.argv[1])
     store = repo.store
     lock = threading.Lock()
-    stored = [0]
+    stored = [0]      # chunk puts completed
+    calls = [0, 0]    # chunk puts / chunk temp files started
     paused = threading.Event()
 
     def pause(marker):
@@ -54,9 +57,22 @@ CHILD = textwrap.dedent('''
 
     real_put, real_create = store.put, store.create
 
+    def nth(i):
+        with lock:
+            calls[i] += 1
+            return calls[i] - 1
+
+    def wait_for_earlier_chunks():  # "after N chunks": the first N are complete, not just started
+        while stored[0] < after:
+            time.sleep(0.005)
+
     def put(key, data):
         if key.startswith("data/"):
-            if crash_at == "before_chunk" or (crash_at == "after_chunks" and stored[0] >= after):
+            n = nth(0)
+            if crash_at == "before_chunk":
+                pause(crash_at)
+            if crash_at == "after_chunks" and n >= after:
+                wait_for_earlier_chunks()
                 pause(crash_at)
         real_put(key, data)
         if key.startswith("data/"):
@@ -74,7 +90,8 @@ CHILD = textwrap.dedent('''
 
         def write_tmp(path, data):
             tmp = real_write_tmp(path, data)
-            if stored[0] >= after:
+            if "/data/" in str(path) and nth(1) >= after:
+                wait_for_earlier_chunks()
                 pause(crash_at)
             return tmp
 
@@ -82,7 +99,7 @@ CHILD = textwrap.dedent('''
 
     writer = repo.begin_snapshot("memory", "postgres")
     with writer.item("public.memories", "table", "jsonl") as item:
-        for i in range(int(os.environ.get("SV_ROWS", "3000"))):
+        for i in range(ROWS):
             item.add(orjson.dumps({"id": i, "text": f"fact {i * 7919 % 10007} " * (1 + i % 5)}) + b"\\n")
     manifest = writer.commit(utcnow())
     print(f"COMMITTED {manifest.id}", flush=True)
@@ -103,7 +120,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def kill_writer_at(script: Path, url: str, crash_at: str, timeout: float = 30) -> str:
-    env = {**os.environ, "SV_CRASH_AT": crash_at, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "SV_CRASH_AT": crash_at, "SV_ROWS": str(ROWS), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd=ROOT)
     try:
@@ -203,8 +220,7 @@ def test_killed_writer_leaves_no_snapshot_and_prune_cleans_up(request, store_kin
     assert code == 0, err
     checked = json.loads(out)
     assert (checked["ok"], checked["snapshots"], checked["chunks_read"]) == (True, 1, len(referenced))
-    code, out, _ = run_cli(capsys, "snapshots", "list", "--json")
-    assert [s["id"] for s in json.loads(out)["snapshots"]] == [manifest.id]
+    assert [m.id for m in repo.list_snapshots()] == [manifest.id]
 
 
 def test_rewriting_the_same_data_after_a_crash_reuses_the_orphaned_chunks(file_repo_url, writer_script):
@@ -215,7 +231,7 @@ def test_rewriting_the_same_data_after_a_crash_reuses_the_orphaned_chunks(file_r
     assert len(orphans) > 3
     writer = repo.begin_snapshot("memory", "postgres")
     with writer.item("public.memories", "table", "jsonl") as item:
-        for i in range(3000):  # exactly what the child wrote
+        for i in range(ROWS):  # exactly what the child wrote
             item.add(orjson.dumps({"id": i, "text": f"fact {i * 7919 % 10007} " * (1 + i % 5)}) + b"\n")
     manifest = writer.commit(utcnow())
     assert writer.stats.chunks_new == 0

@@ -115,11 +115,9 @@ def test_two_processes_racing_for_an_exclusive_lease_one_wins_each_round(store, 
     finally:
         for proc in racers:
             kill(proc)
-    outcomes = []
     for r in range(rounds):
         results = {me: (sync / f"result{r}-{me}").read_text() for me in ("p1", "p2")}
         assert sorted(results.values()) == ["lost", "won"], f"round {r}: {results}"
-        outcomes.append(results["p1"])
     assert [lease for lease in list_leases(store) if not lease.expired] == []  # every winner released
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import orjson
@@ -161,22 +162,32 @@ def test_an_aborted_snapshot_is_invisible_and_aborts_quietly(repo, caplog):
     gate = threading.Event()
     real_put = repo.store.put
 
-    def held_put(key, data):  # the first upload blocks until after abort() was called
+    def held_put(key, data):  # uploads wait until abort() has been called
         gate.wait(10)
         real_put(key, data)
 
     repo.store.put = held_put
-    repo.upload_concurrency = 1  # one upload running, one queued: abort() has a future to cancel
+    repo.upload_concurrency = 1  # one upload running, one queued, the writer waiting for a slot
     writer = repo.begin_snapshot("memory", "postgres")
     item = writer.item("t", "table", "jsonl")
-    emitted, rows = 0, iter(memory_rows(5000))
-    while emitted < 2:  # stop after the second chunk: a third would wait for a free slot
-        before = writer.stats.bytes_read
-        item.add(next(rows))
-        emitted += writer.stats.bytes_read != before
-    threading.Timer(0.3, gate.set).start()
+
+    def feed() -> None:
+        try:
+            item.add_many(memory_rows(5000))
+        except RuntimeError:
+            pass  # the upload pool was shut down under it: what abort() is for
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    time.sleep(0.5)  # the feeder fills both slots and blocks
     with caplog.at_level(logging.ERROR):
-        writer.abort()
+        aborter = threading.Thread(target=writer.abort)
+        aborter.start()
+        time.sleep(0.1)
+        gate.set()
+        aborter.join(10)
+        feeder.join(10)
+    assert not aborter.is_alive() and not feeder.is_alive()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert repo.list_snapshots() == []
     with pytest.raises(Aborted):
