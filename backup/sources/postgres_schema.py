@@ -140,7 +140,7 @@ def connect(url: str, application_name: str):
     try:
         with pg_errors("configure session", url):
             names = list(SESSION_SETTINGS)
-            conn.execute("SELECT " + ", ".join(f"set_config(%s, %s, false)" for _ in names),
+            conn.execute("SELECT " + ", ".join("set_config(%s, %s, false)" for _ in names),
                          [x for n in names for x in (n, SESSION_SETTINGS[n])])
     except BaseException:
         conn.close()

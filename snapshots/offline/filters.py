@@ -345,8 +345,10 @@ class _Compiler:
         raise _bad(where, f"unknown match variant {kind!r}")
 
     def range(self, r: Any, where: str) -> Callable[[Any], bool]:
-        if not isinstance(r, dict) or (unknown := set(r) - {"gt", "gte", "lt", "lte"}):
-            raise _bad(where, "expected an object with gt, gte, lt, lte")
+        unknown = set(r) - {"gt", "gte", "lt", "lte"} if isinstance(r, dict) else None
+        if unknown is None or unknown:
+            raise _bad(where, "expected an object with gt, gte, lt, lte"
+                       + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
         bounds = {k: v for k, v in r.items() if v is not None}
         if all(type(v) in (int, float) for v in bounds.values()):
             convert: Callable[[Any], Any] = lambda v: v if type(v) in (int, float) else None  # noqa: E731

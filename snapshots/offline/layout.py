@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from snapshots.durable import fsync_dir
 from snapshots.errors import CorruptChunkError, ManifestError, UsageError
 
 FORMAT = 1
@@ -152,14 +153,6 @@ def _vector_for(vector: Any, name: str, names: list[str]) -> Any:
     raise UsageError(f"offline index: a point has one unnamed vector, but the collection has named vectors {names}")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_offline_collection(dir: str | Path, meta: Mapping[str, Any], points_iter: Iterable[Any]) -> dict:
     """Write one collection of the offline index under the index root `dir`; return its full meta.
 
@@ -202,13 +195,13 @@ def write_offline_collection(dir: str | Path, meta: Mapping[str, Any], points_it
             f.write(orjson.dumps(full, option=orjson.OPT_INDENT_2))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = root / name
         old = root / f".{name}.old-{uuid.uuid4().hex[:12]}"
         if final.exists():
             final.rename(old)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
         return full
     except BaseException:

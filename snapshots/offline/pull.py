@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from snapshots.durable import fsync_dir
 from snapshots.errors import CorruptChunkError, ManifestError, NotFoundError
 from snapshots.manifest import Item, Manifest
 from snapshots.offline.layout import (DISTANCES, FORMAT, META_FILE, POINTS_FILE, read_meta, vector_file_name,
@@ -157,12 +158,12 @@ def _pull_collection(repo: Repository, manifest: Manifest, root: Path, name: str
             f.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = root / f".{name}.old-{secrets.token_hex(6)}"
         if dest.exists():
             dest.rename(old)
         tmp.rename(dest)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,9 +237,3 @@ def _remove_leftovers(root: Path, name: str) -> None:
             pass
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
+from snapshots.durable import fsync_dir
 from snapshots.errors import NotFoundError, translate_store_error
 from snapshots.stores.base import ObjectInfo, check_key
 
@@ -44,20 +45,12 @@ class LocalStore:
             os.fsync(fh.fileno())
         return tmp
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
             tmp = self._write_tmp(path, data)
             os.replace(tmp, path)
-            self._fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise translate_store_error(exc, f"write {key}") from exc
 
@@ -71,7 +64,7 @@ class LocalStore:
                 return False
             finally:
                 os.unlink(tmp)
-            self._fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         except OSError as exc:
             raise translate_store_error(exc, f"create {key}") from exc
