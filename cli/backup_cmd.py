@@ -97,8 +97,9 @@ def _parse_at(at: str | None) -> datetime | None:
 
 
 def restore(ctx: typer.Context,
-            snapshot: Annotated[str, typer.Argument(help="Snapshot id, prefix or `latest`.")],
-            source: Annotated[str, typer.Option("--source", "-s", help="The source whose snapshot to restore.")],
+            snapshot: Annotated[Optional[str], typer.Argument(
+                help="Snapshot id, prefix or `latest` (may be left out with --at).")] = None,
+            source: Annotated[str, typer.Option("--source", "-s", help="The source whose snapshot to restore.")] = ...,
             at: Annotated[Optional[str], typer.Option("--at", help="Newest snapshot at or before this time.")] = None,
             only: Annotated[Optional[list[str]], typer.Option(
                 "--only", help="One table (public.memories), collection, or Redis key/pattern (history:u42).")] = None,
@@ -118,6 +119,12 @@ def restore(ctx: typer.Context,
     """Restore a snapshot, verified: counts and digests must match or the exit code is 3."""
     from restore.run import restore_snapshot
 
+    if snapshot is None:
+        if at is None:
+            raise UsageError("name the snapshot to restore: an id, `latest`, or --at TIME")
+        snapshot = "latest"  # `--at T` alone: the newest snapshot cut at or before T
+    elif at is not None and snapshot != "latest":
+        raise UsageError(f"give a snapshot id or --at, not both (got {snapshot} and --at {at})")
     settings = state(ctx).settings
     with with_repository(ctx) as repo:
         if mode in ("replace", "swap") and not (yes or dry_run or json):
@@ -139,7 +146,9 @@ def restore(ctx: typer.Context,
     table = Table("item", "target", "action", "records", "size", "live records now", "notes", title=title)
     for p in result.plans:
         table.add_row(p["item"], p["target"], p["action"], f"{p['records']:,}", human_bytes(p["bytes"]),
-                      "-" if p["live_records"] is None else f"{p['live_records']:,}", "; ".join(p["notes"]))
+                      "-" if p["live_records"] is None else f"{p['live_records']:,}",
+                      "; ".join((["partial: only the --only records of this item"] if p.get("partial") else [])
+                                + p["notes"]))
     console.print(table)
     if dry_run:
         console.print("dry run: nothing was written")

@@ -47,8 +47,12 @@ def drill(ctx: typer.Context,
         table = Table("source", "snapshot", "result", "RTO", "RPO", "records", "error", title=f"drill {result.id}")
         for s in result.sources:
             table.add_row(s.source, s.snapshot_id or "-", "[green]pass[/]" if s.ok else f"[red]{s.status}[/]",
-                          f"{s.rto_seconds or 0:.1f}s", f"{s.rpo_seconds or 0:.0f}s", f"{s.records:,}", s.error or "")
+                          "-" if s.rto_seconds is None else f"{s.rto_seconds:.1f}s",
+                          "-" if s.rpo_seconds is None else f"{s.rpo_seconds:.0f}s", f"{s.records:,}", s.error or "")
         console.print(table)
+        for s in result.sources:
+            if s.scratch and not s.cleaned_up:
+                console.print(f"scratch kept for {s.source}: {s.scratch} (remove it when done)")
         console.print(f"report: {md} and {page}")
     if result.status == "verification_failed":
         raise VerificationError(f"drill {result.id}: a restore did not verify", report=data)

@@ -108,7 +108,7 @@ def check(ctx: typer.Context,
 @app.command()
 def forget(ctx: typer.Context,
            snapshot_ids: Annotated[Optional[list[str]], typer.Argument(
-               metavar="[ID]...", help="Forget exactly these snapshots (ids or unique prefixes, e.g. the broken ones "
+               metavar="ID", help="Forget exactly these snapshots (ids or unique prefixes, e.g. the broken ones "
                                        "`check` names) instead of applying a retention policy.")] = None,
            source: SourceOpt = None,
            dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed.")] = False,

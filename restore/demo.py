@@ -150,7 +150,7 @@ def run_demo(dir: Path, *, users: int = 300, memories: int = 3000, kb_points: in
     dir = dir.absolute()
     if dir.exists():
         shutil.rmtree(dir)
-    dir.mkdir(parents=True)
+    (dir / "servers").mkdir(parents=True)  # the server launchers make their work dirs inside it
     steps: list[DemoStep] = []
 
     def step(name: str, fn: Callable[[], str]) -> None:

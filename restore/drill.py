@@ -213,6 +213,10 @@ class _QdrantScratch(_Scratch):
         self.prefix = f"{SCRATCH_PREFIX}{drill_id.replace('-', '_').lower()}_"
         self.collections: list[str] = []
 
+    def describe(self) -> str:
+        # the prefix is what an operator needs to find (or delete) scratch kept with --keep-scratch
+        return f"{super().describe()} collections {self.prefix}*"
+
     def restores(self, manifest):
         self.collections = [self.prefix + item.name for item in manifest.items]
         return [([item.name], self.prefix + item.name) for item in manifest.items]
@@ -265,7 +269,10 @@ def _check_offline(repo: Repository, manifest, scratch: _QdrantScratch) -> dict[
                     q = np.asarray(matrix[i], dtype=np.float32)
                     ours = [p["id"] for p in col.search(q, using=name or None, top_k=10, with_payload=False)]
                     theirs = client.query_points(scratch.prefix + item.name, query=q.tolist(), using=name or None,
-                                                 limit=10, search_params=models.SearchParams(exact=True)).points
+                                                 limit=10,
+                                                 # local mode is always exact and warns about search_params
+                                                 search_params=models.SearchParams(exact=True) if scratch.url
+                                                 else None).points
                     checked += 1
                     if ours != [p.id for p in theirs]:
                         mismatches.append({"collection": item.name, "vector": name, "row": int(i)})

@@ -24,7 +24,7 @@ from restore.targets import open_target
 from restore.targets.base import ItemPlan, RestoreOptions
 from restore.verify import ItemCheck, diff_sorted, digest_of
 from snapshots.codec import RecordDigest
-from snapshots.errors import UsageError, VerificationError
+from snapshots.errors import CorruptChunkError, UsageError, VerificationError
 from snapshots.repository import Repository
 from snapshots.settings import Settings
 
@@ -122,13 +122,21 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
                 result.pre_restore_snapshot = pre.id
                 target = open_target(cfg, url=to_url, path=to_path)
                 plans = target.plan(manifest, only=only, into=into, mode=mode)
+                result.plans = [p.to_dict() for p in plans]  # what is actually done (e.g. a swap's staging name)
             started = time.monotonic()
             tees = []
             for plan in plans:
                 canon = _canonical(target, plan)
                 written = getattr(target, "written_filter", None)
                 tee = _Tee(repo.iter_records(plan.item), plan, canon, written(plan, options) if written else None)
-                target.restore(plan, iter(tee), options)
+                try:
+                    target.restore(plan, iter(tee), options)
+                except CorruptChunkError as exc:
+                    # name the restore point and item: the operator's next step is an older snapshot
+                    raise CorruptChunkError(
+                        f"snapshot {manifest.id} item {plan.item.name}: {exc.message}", chunk_id=exc.chunk_id,
+                        hint=f"This snapshot is damaged: restore an older one (statevault snapshots list --source "
+                             f"{source}) and run `statevault snapshots check --read-data`.") from exc
                 tees.append(tee)
                 result.records_restored += tee.digest.count
                 result.bytes_restored += tee.bytes
