@@ -4,6 +4,7 @@ from __future__ import annotations
 from backup.sources import open_source
 from restore.targets import open_target
 from restore.verify import ItemCheck, digest_of
+from snapshots.errors import NotFoundError
 from snapshots.repository import Repository
 from snapshots.settings import Settings
 
@@ -21,11 +22,27 @@ def verify_live(repo: Repository, settings: Settings, source: str, ref: str = "l
     target = open_target(cfg)
     canon = {i.name: (lambda r, _i=i: target.canonical(_i, r)) for i in items}
     target.close()
+    try:
+        return manifest.id, _measure(cfg, items, canon, [i.name for i in items])
+    except NotFoundError:
+        pass
+    # some item is gone from the live store: measure one at a time so the missing ones show as 0
     checks = []
-    with open_source(cfg).open(only=[i.name for i in items]) as cut:
+    for item in items:
+        try:
+            checks += _measure(cfg, [item], canon, [item.name])
+        except NotFoundError:
+            checks.append(ItemCheck(item.name, item.name, item.records, item.digest, 0, "",
+                                    problems=["missing from the live store"]))
+    return manifest.id, checks
+
+
+def _measure(cfg, items, canon, only: list[str]) -> list[ItemCheck]:
+    checks = []
+    with open_source(cfg).open(only=only) as cut:
         live = {spec.name: spec for spec in cut.items()}
         for item in items:
             spec = live.get(item.name)
             count, digest = digest_of(cut.records(spec), canon[item.name]) if spec else (0, "")
             checks.append(ItemCheck(item.name, item.name, item.records, item.digest, count, digest))
-    return manifest.id, checks
+    return checks

@@ -59,7 +59,7 @@ class NotFoundError(UsageError):
 class TargetNotEmptyError(UsageError):
     default_hint = (
         "The target holds live data. Choose --mode replace (takes a pre-restore snapshot first), "
-        "--mode swap (restore beside it and switch atomically), or restore --into a new name."
+        "--mode swap (restore beside it and switch atomically; PostgreSQL and Qdrant), or restore --into a new name."
     )
 
 

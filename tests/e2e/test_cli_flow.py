@@ -165,3 +165,13 @@ def test_drill_passes_and_cleans_up(agent_state):
     assert list((cfg.parent / "reports").glob("drill-*.html"))
     history, _ = jrun(cfg, "drill", "history")
     assert history and history[-1]["status"] == "pass"
+
+
+def test_verify_reports_a_dropped_table_as_drift(agent_state):
+    cfg, pg_url, _ = agent_state
+    jrun(cfg, "backup", "memory")
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("DROP TABLE memories")
+    drift, _ = jrun(cfg, "verify", "latest", "--source", "memory", check_rc=3)
+    item = drift["items"][0]
+    assert not drift["in_sync"] and item["actual"]["records"] == 0 and item["expected"]["records"] == 500
