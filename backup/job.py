@@ -65,33 +65,6 @@ class BackupResult:
                 "sources": [r.to_dict() for r in self.results]}
 
 
-class _Counting:
-    """Wraps an item writer to report progress every few thousand records."""
-
-    def __init__(self, inner, source: str, progress: ProgressFn, abort: threading.Event | None):
-        self._inner, self._source, self._progress, self._abort = inner, source, progress, abort
-        self._n = 0
-
-    def add(self, record: bytes, canonical: bytes | None = None) -> None:
-        self._inner.add(record, canonical)
-        self._n += 1
-        if self._n % 5000 == 0:
-            self._progress(self._source, self._inner.name, self._n)
-            if self._abort is not None and self._abort.is_set():
-                raise _AbortSignal()
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self._inner.close()
-            self._progress(self._source, self._inner.name, self._n)
-
-
 class _AbortSignal(Exception):
     pass
 
@@ -117,7 +90,17 @@ def snapshot_source(repo: Repository, name: str, source_settings, *, tags: Itera
                 original = writer.item
 
                 def counted_item(*a, **kw):
-                    return _Counting(original(*a, **kw), name, progress or (lambda *_: None), abort)
+                    # the writer reports once per block of records, not per record: no hot-path cost
+                    w = original(*a, **kw)
+
+                    def on_progress(records: int, _item=w.name) -> None:
+                        if progress is not None:
+                            progress(name, _item, records)
+                        if abort is not None and abort.is_set():
+                            raise _AbortSignal()
+
+                    w.on_progress = on_progress
+                    return w
 
                 writer.item = counted_item  # type: ignore[method-assign]
             for item in cut.items():

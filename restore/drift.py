@@ -43,6 +43,7 @@ def _measure(cfg, items, canon, only: list[str]) -> list[ItemCheck]:
         live = {spec.name: spec for spec in cut.items()}
         for item in items:
             spec = live.get(item.name)
-            count, digest = digest_of(cut.records(spec), canon[item.name]) if spec else (0, "")
+            count, digest = (digest_of(cut.records(spec), canon[item.name], algo=item.digest_algo)
+                             if spec else (0, ""))
             checks.append(ItemCheck(item.name, item.name, item.records, item.digest, count, digest))
     return checks

@@ -70,7 +70,7 @@ class _Tee:
     def __init__(self, records: Iterator[bytes], plan: ItemPlan, canonical: Callable[[bytes], bytes],
                  written: Callable[[bytes], bool] | None):
         self._records, self._plan, self._canonical, self._written = records, plan, canonical, written
-        self.digest = RecordDigest()
+        self.digest = RecordDigest(plan.item.digest_algo)
         self.bytes = 0
         self.filtered = plan.record_filter is not None or written is not None
 
@@ -182,7 +182,7 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
             raise VerificationError(f"snapshot item {item.name} does not match its manifest "
                                     f"({tee.digest.count} records read, {exp_count} recorded)")
     canon = _canonical(target, plan)
-    count, digest = digest_of(target.read_back(plan), canon)
+    count, digest = digest_of(target.read_back(plan), canon, algo=item.digest_algo)
     check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
     ttl_check = getattr(target, "verify_ttls", None)
     if ttl_check is not None and check.ok:

@@ -43,13 +43,11 @@ class ItemCheck:
         return d
 
 
-def digest_of(records: Iterable[bytes], canonical: Callable[[bytes], bytes] | None = None) -> tuple[int, str]:
-    d = RecordDigest()
-    if canonical is None:
-        d.update(records)
-    else:
-        for r in records:
-            d.add(canonical(r))
+def digest_of(records: Iterable[bytes], canonical: Callable[[bytes], bytes] | None = None, *,
+              algo: str | None = None) -> tuple[int, str]:
+    """Count and digest of records (their canonical form), with the item's digest algorithm."""
+    d = RecordDigest(algo) if algo else RecordDigest()
+    d.update(records if canonical is None else map(canonical, records))
     return d.count, d.hexdigest
 
 

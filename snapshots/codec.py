@@ -7,11 +7,10 @@ where a record's hash says so, so a change to one record changes only the chunk 
 of those bytes: readable with `zstd -d` without statevault.
 
 Record hash: XXH3-128 (xxHash 0.8, seed 0) of the record, or of its `canonical` form when the
-writer is given one, as 16 little-endian bytes (the canonical byte order of XXH128_canonical
-reversed: `xxhash.xxh3_128_digest` is big-endian, so the value is read big-endian, see
-`record_hash_values`). XXH3 is not cryptographic; it does not need to be: the digest guards
-against loss and corruption, not against an adversary who can write the repository (chunk
-ids, which are the integrity check on read, stay blake3).
+writer is given one: a 128-bit value (`xxhash.xxh3_128_intdigest`; `xxh3_128_digest` gives it
+as 16 big-endian bytes). XXH3 is not cryptographic and need not be: the digest guards against
+lost, extra and changed records, not against someone who can write the repository (chunk
+ids, the integrity check on every read, stay blake3).
 
 Digest of an item ("xxh3-128-sum128"): the sum mod 2^128 of the records' hash values, as 32
 hex digits (16 bytes little-endian). It is order-independent (a multiset hash: duplicates
@@ -184,7 +183,7 @@ class RecordChunker:
         self.min_size = min_size if min_size is not None else avg_size // 4
         self.max_size = max_size if max_size is not None else avg_size * 4
         self._k = np.uint64(_TWO64 // avg_size)
-        self._open: list[bytes] = []   # joined pieces of the open chunk
+        self._open: list[bytes] = []   # the open chunk's records
         self._open_size = 0
         self._open_records = 0
 
@@ -227,15 +226,17 @@ class RecordChunker:
         out = []
         start = 0
         for cut in self.cut_points(lens, boundary_keys(hashes)):
-            self._open.append(b"".join(records[start:cut + 1]))
-            out.append((b"".join(self._open), self._open_records + cut + 1 - start))
+            parts = records[start:cut + 1]
+            if self._open:
+                parts = self._open + parts
+            out.append((b"".join(parts), self._open_records + cut + 1 - start))
             self._open, self._open_size, self._open_records = [], 0, 0
             start = cut + 1
         if start < len(records):
-            rest = records[start:]
-            self._open.append(b"".join(rest))
+            # the open chunk keeps references to its records: each record is copied once, into its chunk
+            self._open.extend(records[start:])
             self._open_size += int(lens[start:].sum())
-            self._open_records += len(rest)
+            self._open_records += len(records) - start
         return out
 
     def add(self, record: bytes, record_hash: bytes) -> bytes | None:

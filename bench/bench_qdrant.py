@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Qdrant: `statevault backup` (with and without the offline index) vs a bare scroll.
+
+Run by hand, never part of the test run (tests/unit/test_bench_stores.py only checks that it
+runs on tiny data):
+
+    .venv/bin/python bench/bench_qdrant.py [--points 20000] [--dim 384] [--repeat 1] [--json]
+
+Qdrant runs in qdrant-client's local mode on a temp dir (no server binary is needed): one
+collection `kb` of --points points (integer ids, one unnamed Cosine vector of --dim float32s,
+a payload of ~200 bytes of text plus a few fields), upserted in batches before timing.
+
+- reference: a bare scroll: open QdrantClient(path=...), scroll every point with vectors and
+  payloads in pages of the source's page size (backup.sources.qdrant.PAGE_SIZE), close.
+- ours: backup.job.snapshot_source into a fresh file:// repository in a temp dir, with
+  offline_index off (the points as JSON lines: float32 shortest-decimal encoding, local-mode
+  canonical vectors, chunking, digest, zstd) and on (plus the normalised float32 matrix and the
+  points file of the offline index, from the same pages). In this process.
+Both sides include opening the local-mode client, which loads the collection from disk.
+Goal (issue 3): <= 1.15x for the backup (the offline-index variant is reported beside it).
+Best of --repeat runs, alternating.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import Comparison, header, note, report, timed  # noqa: E402
+
+COLLECTION = "kb"
+
+
+def fill(path: Path, points: int, dim: int, seed: int) -> None:
+    import numpy as np
+    from qdrant_client import QdrantClient, models
+
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz    ", dtype=np.uint8)
+    text = bytes(letters[rng.integers(0, len(letters), size=1_000_000)]).decode()
+    client = QdrantClient(path=str(path))
+    try:
+        client.create_collection(COLLECTION, vectors_config=models.VectorParams(size=dim,
+                                                                                distance=models.Distance.COSINE))
+        batch = 500
+        for lo in range(0, points, batch):
+            n = min(batch, points - lo)
+            vectors = rng.standard_normal(size=(n, dim)).astype(np.float32)
+            offsets = rng.integers(0, len(text) - 300, size=n).tolist()
+            client.upsert(COLLECTION, points=models.Batch(
+                ids=list(range(lo, lo + n)), vectors=vectors.tolist(),
+                payloads=[{"text": text[o:o + 200], "source": f"doc-{(lo + i) // 20}", "chunk": (lo + i) % 20,
+                           "tags": ["kb", ("faq", "manual", "policy")[(lo + i) % 3]], "lang": "en"}
+                          for i, o in enumerate(offsets)]), wait=True)
+    finally:
+        client.close()
+
+
+def bare_scroll(path: Path, page_size: int) -> int:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(path))
+    try:
+        seen, offset = 0, None
+        while True:
+            page, offset = client.scroll(COLLECTION, limit=page_size, offset=offset, with_payload=True,
+                                         with_vectors=True)
+            seen += len(page)
+            if offset is None:
+                return seen
+    finally:
+        client.close()
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--points", type=int, default=20_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each side; the best is kept")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    from backup.job import snapshot_source
+    from backup.sources.qdrant import PAGE_SIZE
+    from snapshots.repository import open_repository
+    from snapshots.settings import QdrantSource
+
+    params = {"points": args.points, "dim": args.dim, "repeat": args.repeat}
+    if not args.json:
+        header("Qdrant backup (local mode)", params)
+    work = Path(tempfile.mkdtemp(prefix="statevault-bench-qdrant-"))
+    try:
+        store = work / "qdrant"
+        t_fill, _ = timed(lambda: fill(store, args.points, args.dim, args.seed))
+        if not args.json:
+            note(f"upserted {args.points:,} points in {t_fill:.1f} s ({dir_size(store) / 2**20:.1f} MiB on disk)")
+        plain = Comparison("backup", "bare scroll", 1.15)
+        offline = Comparison("backup+offline index", "bare scroll", 1.15)
+        info: dict = {}
+        for run in range(args.repeat):
+            for side, offline_index in ((plain, False), (offline, True)):
+                t, seen = timed(lambda: bare_scroll(store, PAGE_SIZE))
+                assert seen == args.points, seen
+                side.theirs.append(t)
+                cfg = QdrantSource(kind="qdrant", path=str(store), collections=[COLLECTION],
+                                   offline_index=offline_index)
+                repo_dir = work / f"repo-{run}-{offline_index}"
+                repo = open_repository(f"file://{repo_dir}", create=True)
+                t, (manifest, stats) = timed(lambda: snapshot_source(repo, "knowledge", cfg))
+                side.ours.append(t)
+                assert manifest.records == args.points, manifest.records
+                info[f"repository size ({'with' if offline_index else 'without'} offline index)"] = (
+                    f"{dir_size(repo_dir) / 2**20:.1f} MiB ({stats['chunks']} chunks)")
+                shutil.rmtree(repo_dir)
+        report("qdrant", params, [plain, offline], info, args.json)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

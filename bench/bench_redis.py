@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Redis: `statevault backup` vs `redis-cli --rdb FILE` of the same keyspace.
+
+Run by hand, never part of the test run (tests/unit/test_bench_stores.py only checks that it
+runs on tiny data):
+
+    .venv/bin/python bench/bench_redis.py [--keys 200000] [--repeat 1] [--json]
+
+Starts a throw-away Redis 7 (backup/local_servers.py) on a random port and fills it with
+--keys keys like an agent's conversation state: 80% `history:u<N>` strings of ~1 KB JSON with
+a TTL of 1-48 h, 10% `turns:u<N>` lists of 10-30 ~80-byte JSON entries, 10% `profile:u<N>`
+hashes of 8-16 fields.
+
+- ours: backup.job.snapshot_source (pattern "*") into a fresh file:// repository in a temp dir:
+  SCAN, sort, pipelined reads with absolute expiries, JSON-lines records, chunking, digest,
+  zstd level 3, manifest. In this process.
+- reference: `redis-cli --rdb FILE` (the server forks and streams an RDB snapshot, which
+  redis-cli writes to FILE), a subprocess. The server's repl-diskless-sync-delay is set to 0
+  first: by default Redis 7 waits 5 s for more replicas before it starts streaming, which
+  would flatter our ratio.
+Also printed, not compared: an unchanged second backup and the sizes. Goal (issue 3): <= 1.0x.
+Best of --repeat runs, alternating.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import Comparison, header, note, report, timed  # noqa: E402
+
+REDIS_CLI = "/usr/bin/redis-cli"
+
+
+def fill(url: str, keys: int, seed: int) -> dict[str, int]:
+    """Write the keyspace (see module docstring); returns the count per kind."""
+    import numpy as np
+    import orjson
+    import redis
+
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz  ", dtype=np.uint8)
+    text = bytes(letters[rng.integers(0, len(letters), size=4_000_000)]).decode()
+    counts = {"string": 0, "list": 0, "hash": 0}
+    client = redis.Redis.from_url(url)
+    pipe = client.pipeline(transaction=False)
+    kinds = rng.random(size=keys)
+    for i in range(keys):
+        off = int(rng.integers(0, len(text) - 2000))
+        if kinds[i] < 0.8:
+            msg = orjson.dumps({"user": f"u{i}", "role": ("user", "assistant")[i % 2], "turn": i % 40,
+                                "content": text[off:off + int(rng.integers(700, 1100))], "ts": 1764000000 + i})
+            pipe.set(f"history:u{i}", msg, px=int(rng.integers(3600_000, 48 * 3600_000)))
+            counts["string"] += 1
+        elif kinds[i] < 0.9:
+            n = int(rng.integers(10, 31))
+            pipe.rpush(f"turns:u{i}", *(orjson.dumps({"k": j, "t": text[off + j * 50:off + j * 50 + 60]})
+                                        for j in range(n)))
+            counts["list"] += 1
+        else:
+            n = int(rng.integers(8, 17))
+            pipe.hset(f"profile:u{i}", mapping={f"field{j}": text[off + j * 30:off + j * 30 + 40] for j in range(n)})
+            counts["hash"] += 1
+        if i % 2000 == 1999:
+            pipe.execute()
+    pipe.execute()
+    client.close()
+    return counts
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--keys", type=int, default=200_000)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each side; the best is kept")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    from backup.job import snapshot_source
+    from backup.local_servers import RedisServer
+    from snapshots.repository import open_repository
+    from snapshots.settings import RedisSource
+
+    params = {"keys": args.keys, "repeat": args.repeat}
+    if not args.json:
+        header("Redis backup", params)
+    work = Path(tempfile.mkdtemp(prefix="statevault-bench-redis-"))
+    try:
+        with RedisServer.start("redis7") as server:
+            t_fill, counts = timed(lambda: fill(server.url, args.keys, args.seed))
+            if not args.json:
+                note(f"filled {args.keys:,} keys {counts} in {t_fill:.1f} s (Redis {server.version})")
+            import redis
+
+            with redis.Redis.from_url(server.url) as client:
+                client.config_set("repl-diskless-sync-delay", 0)
+            cfg = RedisSource(kind="redis", url=server.url, patterns=["*"])
+            backup = Comparison("backup", "redis-cli --rdb", 1.0)
+            rdb = work / "dump.rdb"
+            info: dict = {}
+            for run in range(args.repeat):
+                t, _ = timed(lambda: subprocess.run(
+                    [REDIS_CLI, "-h", server.host, "-p", str(server.port), "--rdb", str(rdb)],
+                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                backup.theirs.append(t)
+                repo_dir = work / f"repo{run}"
+                repo = open_repository(f"file://{repo_dir}", create=True)
+                t, (manifest, stats) = timed(lambda: snapshot_source(repo, "history", cfg))
+                backup.ours.append(t)
+                assert manifest.records >= args.keys, manifest.records
+                if run:
+                    shutil.rmtree(work / f"repo{run - 1}")
+            info["rdb size"] = f"{rdb.stat().st_size / 2**20:.1f} MiB"
+            info["our repository size"] = (f"{dir_size(work / f'repo{args.repeat - 1}') / 2**20:.1f} MiB "
+                                           f"({stats['chunks']} chunks, {stats['bytes_read'] / 2**20:.1f} MiB "
+                                           f"of records)")
+            t_again, (_, again) = timed(lambda: snapshot_source(repo, "history", cfg))
+            info["unchanged second backup"] = f"{t_again:.2f} s, {again['bytes_uploaded']} bytes uploaded"
+            report("redis", params, [backup], info, args.json)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

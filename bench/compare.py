@@ -1,0 +1,118 @@
+"""Ours-versus-reference timing for the store benchmarks (bench_postgres/redis/qdrant/rss.py).
+
+Each bench measures our command and the reference command in the same run, on the same data,
+`repeat` times alternating the two, and keeps the best time of each (the least disturbed by
+other load on the machine). A Comparison prints as one line the test suite and people read:
+
+    ratio backup: ours 2.10 s / pg_dump -Fc 5.60 s = 0.38x (goal <= 0.40x: met)
+
+The load average is printed before and after: on a shared 2-core machine a run under load
+is noisy, so the numbers are only comparable when the load was similar.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Comparison:
+    name: str                 # "backup", "restore", ...
+    reference: str            # the reference command, e.g. "pg_dump -Fc"
+    goal: float               # ours/reference must be at most this
+    ours: list[float] = field(default_factory=list)       # seconds (or `unit`), one per repetition
+    theirs: list[float] = field(default_factory=list)
+    unit: str = "s"
+
+    @property
+    def ours_s(self) -> float:
+        return min(self.ours)
+
+    @property
+    def reference_s(self) -> float:
+        return min(self.theirs)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_s / self.reference_s
+
+    @property
+    def met(self) -> bool:
+        return self.ratio <= self.goal
+
+    def line(self) -> str:
+        u = self.unit
+        return (f"ratio {self.name}: ours {self.ours_s:.2f} {u} / {self.reference} {self.reference_s:.2f} {u} = "
+                f"{self.ratio:.2f}x (goal <= {self.goal:.2f}x: {'met' if self.met else 'MISSED'})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(ours_s=self.ours_s, reference_s=self.reference_s, ratio=round(self.ratio, 4), met=self.met)
+        return d
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def header(title: str, params: dict[str, Any]) -> None:
+    print(f"== {title}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.python_implementation()} "
+          f"{platform.python_version()}, {load()})")
+    print("   " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    sys.stdout.flush()
+
+
+def note(text: str) -> None:
+    print("   " + text)
+    sys.stdout.flush()
+
+
+def report(title: str, params: dict[str, Any], comparisons: list[Comparison], info: dict[str, Any],
+           as_json: bool) -> None:
+    """Print the comparisons (and `info`), as lines or as one JSON object."""
+    if as_json:
+        print(json.dumps({"bench": title, "params": params, "load_after": os.getloadavg(),
+                          "comparisons": [c.to_dict() for c in comparisons], "info": info}, default=str))
+        return
+    for key, value in info.items():
+        note(f"{key}: {value}")
+    for c in comparisons:
+        runs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(c.ours, c.theirs))
+        note(f"{c.name}: ours/reference per run ({c.unit}): {runs}")
+    for c in comparisons:
+        print(c.line())
+    note(f"after: {load()}")
+
+
+def peak_rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak resident set size so far (VmHWM; VmRSS for the current one), MiB.
+
+    Read from /proc: ru_maxrss would also do in a parent for its children, but inside a child it
+    starts at the parent's peak, because Linux keeps it across fork and execve."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
