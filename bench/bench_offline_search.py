@@ -60,6 +60,8 @@ def blas_summary() -> str:
     env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                       "OMP_NUM_THREADS") if k in os.environ}
     lines.append(f"numpy {np.__version__}; env {env or 'no OPENBLAS_*/OMP_* set'}")
+    lines.append(f"machine: {os.cpu_count()} CPUs, load average {load_average()} at start "
+                 "(other processes on the machine skew every number)")
     try:
         from threadpoolctl import threadpool_info
 
@@ -71,7 +73,11 @@ def blas_summary() -> str:
     if "OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ:
         lines.append("WARNING: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are set and may force a slow kernel; "
                      "to benchmark run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE ...")
-    return "\n".join("blas: " + line for line in lines)
+    return "\n".join("env: " + line for line in lines)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _openblas_via_ctypes() -> str:
@@ -96,8 +102,9 @@ def _openblas_via_ctypes() -> str:
                 except AttributeError:
                     continue
                 corename.restype = ctypes.c_char_p
-                return f"{built}, running kernel={corename().decode()} threads={nthreads()} ({os.path.basename(path)})"
-    return f"{built} (kernel unknown: threadpoolctl not installed, no OpenBLAS symbols found)"
+                return (f"blas {built}, running kernel={corename().decode()} threads={nthreads()} "
+                        f"({os.path.basename(path)})")
+    return f"blas {built} (kernel unknown: threadpoolctl not installed, no OpenBLAS symbols found)"
 
 
 # ---- page cache --------------------------------------------------------------------------
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"index: built {coll_dir} ({args.rows} x {args.dim} {args.distance}, {gb:.2f} GB matrix) "
                   f"in {build_s:.1f} s ({args.rows / build_s:,.0f} points/s)")
         run(args, coll_dir, npy)
+        print(f"load average at the end: {load_average()}")
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
