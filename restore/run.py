@@ -182,7 +182,7 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
             raise VerificationError(f"snapshot item {item.name} does not match its manifest "
                                     f"({tee.digest.count} records read, {exp_count} recorded)")
     canon = _canonical(target, plan)
-    count, digest = digest_of(target.read_back(plan), canon, algo=item.digest_algo)
+    count, digest = digest_of(_unordered_read_back(target, plan), canon, algo=item.digest_algo)
     check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
     ttl_check = getattr(target, "verify_ttls", None)
     if ttl_check is not None and check.ok:
@@ -201,3 +201,12 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
             check.diff = diff_sorted(expected, target.read_back(plan), key=lambda r: target.record_key(item, r),
                                      canonical=canon, classify=getattr(target, "classify", None))
     return check
+
+
+def _unordered_read_back(target, plan: ItemPlan) -> Iterator[bytes]:
+    """The digest does not depend on order: let a target skip its ORDER BY when it can."""
+    import inspect
+
+    if "ordered" in inspect.signature(target.read_back).parameters:
+        return target.read_back(plan, ordered=False)
+    return target.read_back(plan)

@@ -69,7 +69,8 @@ class Target(Protocol):
 
     def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
         """The restored item's canonical records (same format and order as the snapshot's),
-        restricted like the plan, for verification."""
+        restricted like the plan, for verification. A target may accept `ordered=False` to
+        skip ordering when only the (order-independent) digest is wanted."""
 
     def canonical(self, item: Item, record: bytes) -> bytes:
         """The part of a record the digest covers (identity for most formats)."""

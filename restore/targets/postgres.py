@@ -348,7 +348,7 @@ class PostgresTarget:
                               hint="Restore the referenced tables from the same snapshot too, or fix the rows.")
 
     # ---- verification -------------------------------------------------------------------
-    def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
+    def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
         d = plan.details
         place = self._staging.tables.get(plan.target) or ddl.Placement(d["schema"], d["table"], d["table"])
         spec = plan.item.schema
@@ -356,7 +356,8 @@ class PostgresTarget:
             found = find_table(self.conn, place.schema, place.name)
             if found is None:
                 raise NotFoundError(f"{place.qualified} does not exist on the target")
-            stmt = copy_out_sql(spec, place.schema, place.name, bytewise_columns(describe_columns(self.conn, found[0])))
+            stmt = copy_out_sql(spec, place.schema, place.name, bytewise_columns(describe_columns(self.conn, found[0])),
+                                ordered=ordered)
             with self.conn.cursor() as cur, cur.copy(stmt) as copy:
                 for row in copy:
                     yield bytes(row)
