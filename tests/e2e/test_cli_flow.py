@@ -175,3 +175,20 @@ def test_verify_reports_a_dropped_table_as_drift(agent_state):
     drift, _ = jrun(cfg, "verify", "latest", "--source", "memory", check_rc=3)
     item = drift["items"][0]
     assert not drift["in_sync"] and item["actual"]["records"] == 0 and item["expected"]["records"] == 500
+
+
+def test_forget_keeps_the_newest_drill_verified_snapshot(agent_state):
+    cfg, _, _ = agent_state
+    first, _ = jrun(cfg, "backup", "history")
+    drilled = first["sources"][0]["snapshot_id"]
+    report, _ = jrun(cfg, "drill", "--source", "history", "--report", str(cfg.parent / "reports"))
+    assert report["ok"] and report["sources"][0]["snapshot_id"] == drilled
+    later = [jrun(cfg, "backup", "history")[0]["sources"][0]["snapshot_id"] for _ in range(2)]
+    result, _ = jrun(cfg, "snapshots", "forget", "--source", "history", "--keep-last", "1")
+    decision = result["sources"]["history"]
+    kept = {k["id"]: k["reasons"] for k in decision["keep"]}
+    assert set(kept) == {later[-1], drilled}
+    assert "newest verified snapshot" in kept[drilled]
+    assert [r["id"] for r in decision["remove"]] == [later[0]]
+    listing, _ = jrun(cfg, "snapshots", "list", "--source", "history")
+    assert {s["id"] for s in listing["snapshots"]} == {later[-1], drilled}
