@@ -16,3 +16,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory into place: readers see the old one or the new one.
+
+    The old copy is renamed aside first (a directory cannot be replaced by rename), so a crash
+    between the two renames leaves no directory at `final` — never a half-written one.
+    """
+    import shutil
+    import uuid
+
+    fsync_dir(tmp)
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from snapshots.durable import fsync_dir
+from snapshots.durable import publish_dir
 from snapshots.errors import CorruptChunkError, ManifestError, UsageError
 
 FORMAT = 1
@@ -195,14 +195,7 @@ def write_offline_collection(dir: str | Path, meta: Mapping[str, Any], points_it
             f.write(orjson.dumps(full, option=orjson.OPT_INDENT_2))
             f.flush()
             os.fsync(f.fileno())
-        fsync_dir(tmp)
-        final = root / name
-        old = root / f".{name}.old-{uuid.uuid4().hex[:12]}"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, root / name)
         return full
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

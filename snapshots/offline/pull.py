@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from snapshots.durable import fsync_dir
+from snapshots.durable import publish_dir
 from snapshots.errors import CorruptChunkError, ManifestError, NotFoundError
 from snapshots.manifest import Item, Manifest
 from snapshots.offline.layout import (DISTANCES, FORMAT, META_FILE, POINTS_FILE, read_meta, vector_file_name,
@@ -158,13 +158,7 @@ def _pull_collection(repo: Repository, manifest: Manifest, root: Path, name: str
             f.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
             f.flush()
             os.fsync(f.fileno())
-        fsync_dir(tmp)
-        old = root / f".{name}.old-{secrets.token_hex(6)}"
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,25 +13,12 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-import cli.context
-from cli import app as cli_app
 from snapshots import codec
 from snapshots.errors import CorruptChunkError
 from snapshots.manifest import RepoConfig, utcnow
 from snapshots.repository import open_repository
+from tests.cli_runner import run_cli
 
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """The real `statevault` entry point, in this process (test_bad_input runs it as a subprocess)."""
-    cli.context._emitted[0] = False
-    capsys.readouterr()
-    try:
-        cli_app.main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def rows(tag: str, n: int) -> list[bytes]:

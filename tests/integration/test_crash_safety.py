@@ -21,11 +21,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-import cli.context
-from cli import app as cli_app
 from snapshots import codec
 from snapshots.manifest import RepoConfig, utcnow
 from snapshots.repository import open_repository
+from tests.cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 STATEVAULT = [sys.executable, "-m", "cli.app"]
@@ -105,18 +104,6 @@ CHILD = textwrap.dedent('''
     print(f"COMMITTED {manifest.id}", flush=True)
 ''')
 
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """The real `statevault` entry point, in this process (fast; test_bad_input runs it as a subprocess)."""
-    cli.context._emitted[0] = False
-    capsys.readouterr()
-    try:
-        cli_app.main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def kill_writer_at(script: Path, url: str, crash_at: str, timeout: float = 30) -> str:
