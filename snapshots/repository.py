@@ -165,9 +165,14 @@ class Repository:
 
     def iter_records(self, item: Item) -> Iterator[bytes]:
         """The item's records, as the source wrote them."""
+        for block in self.iter_record_blocks(item):
+            yield from block
+
+    def iter_record_blocks(self, item: Item) -> Iterator[list[bytes]]:
+        """The item's records, one list per chunk (for callers that work a block at a time)."""
         width = item.schema.get("row_bytes") if item.format.startswith("f32le") else None
         for data in self.iter_chunks(item):
-            yield from (codec.split_fixed(data, width) if width else codec.split_lines(data))
+            yield codec.split_fixed(data, width) if width else codec.split_lines(data)
 
     # ---- leases and small objects --------------------------------------------------------
     def lease(self, purpose: str, *, exclusive: bool = False, name: str = "repository") -> Lease:

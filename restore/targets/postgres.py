@@ -68,6 +68,7 @@ _BATCH_BYTES = 1 << 20
 class PostgresTarget:
     kind = "postgres"
     supports_swap = True
+    canonical_is_identity = True  # records read back equal the snapshot's byte for byte
 
     def __init__(self, url: str):
         self.url = url

@@ -74,6 +74,7 @@ def staging_age(name: str, now: datetime) -> timedelta | None:
 class QdrantTarget:
     kind = "qdrant"
     supports_swap = True
+    canonical_is_identity = True  # records read back equal the snapshot's byte for byte
 
     def __init__(self, url: str | None = None, path: str | None = None, api_key: str | None = None):
         if bool(url) == bool(path):
