@@ -101,15 +101,26 @@ def fresh_redis_url(request, _redis_allocators):
     """fresh_redis_url(server=None) -> URL of a flushed DB on `server` (default redis_server),
     distinct from every other DB this test holds on that server."""
     held: dict[int, int] = {}
+    taken: list[str] = []
 
     def take(server=None) -> str:
         server = server if server is not None else request.getfixturevalue("redis_server")
         allocator = _redis_allocators.setdefault(id(server), RedisDbAllocator(server))
         url = allocator.take(held.get(id(server), 0))
         held[id(server)] = held.get(id(server), 0) + 1
+        taken.append(url)
         return url
 
-    return take
+    yield take
+    # empty the DBs again afterwards: a drill looks for an empty DB index as its scratch target
+    import redis
+
+    for url in taken:
+        try:
+            with redis.Redis.from_url(url) as client:
+                client.flushdb()
+        except redis.RedisError:
+            pass  # a test that stopped its server on purpose
 
 
 @pytest.fixture

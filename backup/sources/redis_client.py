@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlsplit
+
+try:  # optional C reply parser: ~10x faster than _Replies on a backup's pipelines
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - hiredis is a declared dependency
+    _hiredis = None
 
 from snapshots.errors import ConfigError, SourceError, StatevaultError
 from snapshots.settings import redact_url
@@ -191,27 +197,44 @@ def execute_many(client, commands: list[tuple], *, transaction: bool = False) ->
 
     A failed command's reply is its ResponseError instance, in place. redis-py's pipeline
     packs and parses each command through several layers of Python; packing here and reading
-    the replies straight off the connection's socket (`_Replies`; the connection is idle, so
-    nothing of ours is in redis-py's buffer) roughly halves the client CPU of a backup. With
-    `transaction`, the commands run between MULTI and EXEC (EXECABORT raises).
+    the replies straight off the connection's socket roughly halves the client CPU of a
+    backup. With `transaction`, the commands run between MULTI and EXEC (EXECABORT raises).
     """
-    from redis.exceptions import ResponseError
-
     if not commands:
         return []
     if transaction:
         commands = [("MULTI",), *commands, ("EXEC",)]
+    replies = execute_packed(client, _pack(commands), len(commands))
+    if transaction:
+        raise_first_error(replies)  # a command refused while queueing, or EXECABORT
+        return replies[-1]
+    return replies
+
+
+def execute_packed(client, payload: bytes, count: int) -> list:
+    """Send `payload` (`count` commands already in RESP form, e.g. packed by redis_reader)
+    in one write and read the `count` raw replies (errors as ResponseError instances).
+
+    The replies are read off the connection's socket (the connection is idle, so nothing of
+    ours is in redis-py's buffer): by hiredis's C parser when installed (a whole pipeline of
+    replies in a few calls), else by `_Replies`."""
+    from redis.exceptions import ResponseError
+
+    if not count:
+        return []
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        conn.send_packed_command([_pack(commands)])
+        conn.send_packed_command([payload])
         sock = getattr(conn, "_sock", None)
-        if sock is not None:
+        if sock is not None and _hiredis is not None:
+            replies = _read_hiredis(sock, count)
+        elif sock is not None:
             reader = _Replies(sock)
-            replies = [reader.read() for _ in commands]
+            replies = [reader.read() for _ in range(count)]
         else:  # not a plain socket connection: let redis-py parse
             replies = []
-            for _ in commands:
+            for _ in range(count):
                 try:
                     replies.append(conn.read_response(disable_decoding=True))
                 except ResponseError as exc:
@@ -221,10 +244,109 @@ def execute_many(client, commands: list[tuple], *, transaction: bool = False) ->
         raise
     finally:
         pool.release(conn)
-    if transaction:
-        raise_first_error(replies)  # a command refused while queueing, or EXECABORT
-        return replies[-1]
     return replies
+
+
+def _read_hiredis(sock, count: int) -> list:
+    from redis.exceptions import InvalidResponse, ResponseError
+
+    reader = _hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
+    out = _read_replies(reader, sock, count)
+    if reader.has_data():
+        raise InvalidResponse("more replies than commands sent")
+    return out
+
+
+def _read_replies(reader, sock, count: int) -> list:
+    """`count` replies from a hiredis reader, fed from `sock` as needed."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    out: list = []
+    append, gets, feed, recv = out.append, reader.gets, reader.feed, sock.recv
+    while len(out) < count:
+        # RESP2 has no boolean replies: False only ever means "need more data"
+        reply = gets()
+        if reply is False:
+            data = recv(1 << 20)
+            if not data:
+                raise RedisConnectionError("the server closed the connection")
+            feed(data)
+        else:
+            append(reply)
+    return out
+
+
+class ReplyPipe:
+    """Requests pipelined on one connection held for the pipe's life, so the server computes
+    the next request while the caller works on the previous one's replies.
+
+    `send(payload, count)` writes a request (`count` packed commands) now and returns its
+    ticket; `recv(ticket)` returns its replies (errors in place, as `execute_packed`), first
+    reading and keeping those of earlier requests (FIFO on the wire). Replies never read (an
+    exception, an abandoned generator) cost the connection: it is disconnected, not reused.
+    Without hiredis or a plain socket the requests run one by one, at `recv`.
+
+    Requests are written without reading: the server buffers replies it cannot send yet, and
+    the caller keeps at most two requests in flight."""
+
+    def __init__(self, client):
+        self.client, self._conn, self._reader = client, None, None
+        self._queue: deque = deque()   # (ticket, count, payload or None) sent, not read yet
+        self._ready: dict[int, list] = {}
+        self._tickets = 0
+
+    def __enter__(self) -> "ReplyPipe":
+        if _hiredis is not None:
+            from redis.exceptions import InvalidResponse, ResponseError
+
+            pool = self.client.connection_pool
+            conn = pool.get_connection()
+            if getattr(conn, "_sock", None) is None:
+                pool.release(conn)
+            else:
+                self._conn = conn
+                self._reader = _hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
+        return self
+
+    def send(self, payload: bytes, count: int) -> int:
+        ticket, self._tickets = self._tickets, self._tickets + 1
+        if self._conn is not None:
+            try:
+                self._conn.send_packed_command([payload])
+            except BaseException:
+                self._drop()
+                raise
+            self._queue.append((ticket, count, None))
+        else:
+            self._queue.append((ticket, count, payload))
+        return ticket
+
+    def recv(self, ticket: int) -> list:
+        while ticket not in self._ready:
+            t, count, payload = self._queue.popleft()
+            if self._conn is None:
+                self._ready[t] = execute_packed(self.client, payload, count)
+                continue
+            try:
+                self._ready[t] = _read_replies(self._reader, self._conn._sock, count)
+            except BaseException:
+                self._drop()
+                raise
+        return self._ready.pop(ticket)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.disconnect()
+            self.client.connection_pool.release(self._conn)
+            self._conn = None
+            self._queue.clear()
+
+    def __exit__(self, *exc) -> None:
+        if self._conn is not None:
+            if self._queue or self._reader.has_data():
+                self._conn.disconnect()  # replies left unread: never hand this connection out again
+            self.client.connection_pool.release(self._conn)
+            self._conn = None
 
 
 def raise_first_error(replies: list) -> list:

@@ -162,16 +162,30 @@ def decode_record(record: bytes) -> dict[str, Any]:
 
 # ---- values: raw RESP2 replies (bytes) to the JSON values above --------------------------
 
+# Each has a fast path for all-UTF-8 data (bytes.decode in a comprehension, no call to `enc`
+# per element) and falls back to `enc` per element on the first undecodable one.
+
 def list_value(items: list[bytes]) -> list:
-    return [enc(e) for e in items]
+    try:
+        return [e.decode() for e in items]
+    except UnicodeDecodeError:
+        return [enc(e) for e in items]
+
+
+def pairs_value(rows: list[tuple[bytes, bytes]]) -> list:
+    """[(field, value), ...] to [[field, value], ...] (hash rows, already sorted)."""
+    try:
+        return [[f.decode(), v.decode()] for f, v in rows]
+    except UnicodeDecodeError:
+        return [[enc(f), enc(v)] for f, v in rows]
 
 
 def sorted_pairs_value(pairs: dict[bytes, bytes]) -> list:
-    return [[enc(f), enc(v)] for f, v in sorted(pairs.items())]
+    return pairs_value(sorted(pairs.items()))
 
 
 def set_value(members) -> list:
-    return [enc(m) for m in sorted(members)]
+    return list_value(sorted(members))
 
 
 def zset_value(flat: list[bytes]) -> list:
@@ -180,7 +194,10 @@ def zset_value(flat: list[bytes]) -> list:
     The score goes through float() and repr(): exact, and independent of whether the server
     printed "0.10000000000000001" (%.17g, Redis <= 7.0) or "0.1" (shortest, later servers).
     """
-    return [[enc(flat[i]), repr(float(flat[i + 1]))] for i in range(0, len(flat), 2)]
+    try:
+        return [[m.decode(), repr(float(s))] for m, s in zip(flat[::2], flat[1::2])]
+    except UnicodeDecodeError:
+        return [[enc(m), repr(float(s))] for m, s in zip(flat[::2], flat[1::2])]
 
 
 def stream_entries(entries: list) -> list:

@@ -1,0 +1,350 @@
+"""Reading keys into `redis-jsonl-v1` records (redis_records.py), a pipelined batch at a time.
+
+Shared by the Redis source and the Redis target's read-back, so both sides produce the same
+canonical records from the same data.
+
+Per batch of BATCH_SIZE sorted key names, two requests on one connection (ReplyPipe):
+1. TYPE of every key, then its absolute expiry: PEXPIRETIME on Redis >= 7 / Valkey; on 6.2
+   PTTL bracketed by TIME, re-asked until both TIMEs fall in the same millisecond so
+   TIME + PTTL is exact;
+2. the values, in segments of at most _COLLECTIONS_PER_TRIP collections: every string of the
+   segment by one MGET, each collection by its own commands (LRANGE, HSCAN, SSCAN,
+   ZRANGE WITHSCORES, XINFO + XRANGE). Lists, zsets and streams longer than PART_SIZE are
+   fetched and emitted in PART_SIZE pieces; hashes and sets are scanned whole and sorted in
+   memory (one key's fields at a time), then split.
+Requests go out one step ahead: while a segment's records are encoded, the server already
+computes the next batch's types and the next segment's values.
+
+A key that vanishes between SCAN and fetch is skipped; one that changes type meanwhile is read
+again (twice at most; MGET answers nil for both, so a nil string is re-read). Keys of module
+types (ReJSON-RL, ...) are skipped, logged and counted in `skipped`.
+
+Commands are packed here from each key's RESP bulk string (`$len\\r\\nkey\\r\\n`, built once
+per key) and fixed per-command prefixes: joining those is C work, where a generic packer
+spends a Python loop per argument.
+"""
+from __future__ import annotations
+
+import logging
+from itertools import islice
+from typing import Iterable, Iterator, NamedTuple
+
+import orjson
+
+from backup.sources.redis_client import ServerInfo, ReplyPipe, _pack, execute_packed, raise_first_error
+from backup.sources.redis_records import (PART_SIZE, TYPES, encode_record, enc, flat_to_dict, list_value,
+                                          pairs_value, stream_entries, stream_groups, zset_value)
+
+log = logging.getLogger("statevault.backup.redis")
+
+BATCH_SIZE = 2000            # keys per TYPE/expiry request
+_COLLECTIONS_PER_TRIP = 500  # collections per value request (each up to PART_SIZE elements)
+_TTL_GROUP = 100             # PTTLs bracketed by one pair of TIMEs on Redis 6.2
+_TTL_ATTEMPTS = 5
+_RETRIES = 2                 # re-reads of a key whose type changed under us
+
+Record = tuple[bytes, bytes]  # (record, canonical)
+
+_TYPE = b"*2\r\n$4\r\nTYPE\r\n"
+_PEXPIRETIME = b"*2\r\n$11\r\nPEXPIRETIME\r\n"
+_PTTL = b"*2\r\n$4\r\nPTTL\r\n"
+_TIME = b"*1\r\n$4\r\nTIME\r\n"
+_STRING = b"string"
+_COLLECTIONS = frozenset(t.encode() for t in TYPES if t != "string")
+_NULL_TAIL = b',"x":null}\n'
+_SEP = b'","'
+_FAKE_SEP = b'\\","'
+
+
+def _bulk(arg: bytes | str | int) -> bytes:
+    a = arg if arg.__class__ is bytes else str(arg).encode()
+    return b"$%d\r\n%b\r\n" % (len(a), a)
+
+
+def _bulks(keys: list[bytes]) -> list[bytes]:
+    """Each key's RESP bulk string."""
+    return [b"$%d\r\n%b\r\n" % (len(k), k) for k in keys]
+
+
+def _json_strings(texts: list[str]) -> list[bytes]:
+    """orjson.dumps(t) without its quotes, for each t of a non-empty list: one dumps of the
+    whole list, split at the '","' between elements. A quote inside a JSON string is always
+    escaped ('\\"'), so '","' can only start inside a string as '\\","' (text ending in '",');
+    when that sequence occurs anywhere, encode one by one instead."""
+    data = orjson.dumps(texts)
+    if _FAKE_SEP not in data:
+        pieces = data[2:-2].split(_SEP)
+        if len(pieces) == len(texts):
+            return pieces
+    dumps = orjson.dumps
+    return [dumps(t)[1:-1] for t in texts]
+
+
+class Segment(NamedTuple):
+    keys: list[bytes]
+    kinds: list[bytes]
+    expiries: list[int | None]
+    payload: bytes
+    count: int                        # commands in payload
+    plan: list[tuple[str, int]]       # (kind, commands) of each collection, in order
+
+
+class KeyReader:
+    """Turns sorted key names into records (see the module docstring)."""
+
+    def __init__(self, client, info: ServerInfo, *, batch_size: int = BATCH_SIZE, part_size: int | None = None):
+        self.client, self.info = client, info
+        self.batch_size, self.part = batch_size, part_size or PART_SIZE
+        self.skipped: dict[str, int] = {}
+        n = self.part
+        # (prefix, suffix) around a collection key's bulk string: its one fetch command
+        self._fetch = {
+            b"list": (b"*4\r\n" + _bulk("LRANGE"), _bulk(0) + _bulk(n)),
+            b"zset": (b"*5\r\n" + _bulk("ZRANGE"), _bulk(0) + _bulk(n) + _bulk("WITHSCORES")),
+            b"hash": (b"*5\r\n" + _bulk("HSCAN"), _bulk(0) + _bulk("COUNT") + _bulk(n)),
+            b"set": (b"*5\r\n" + _bulk("SSCAN"), _bulk(0) + _bulk("COUNT") + _bulk(n)),
+        }
+
+    def read(self, keys: Iterable[bytes]) -> Iterator[Record]:
+        """Records of `keys` (sorted, unique), in order."""
+        it = iter(keys)
+        batch = list(islice(it, self.batch_size))
+        if not batch:
+            return
+        with ReplyPipe(self.client) as pipe:
+            bulks = _bulks(batch)
+            types = pipe.send(*self._types_request(batch, bulks))
+            previous = None  # (segment, ticket): values asked for, records not encoded yet
+            while batch:
+                kinds, expiries = self._types_reply(batch, bulks, pipe.recv(types))
+                following = list(islice(it, self.batch_size))
+                if following:
+                    next_bulks = _bulks(following)
+                    types = pipe.send(*self._types_request(following, next_bulks))
+                for segment in self._segments(batch, bulks, kinds, expiries):
+                    ticket = pipe.send(segment.payload, segment.count)
+                    if previous is not None:
+                        yield from self._emit(previous[0], pipe.recv(previous[1]), 0)
+                    previous = segment, ticket
+                if following:
+                    batch, bulks = following, next_bulks
+                else:
+                    batch = following
+            if previous is not None:
+                yield from self._emit(previous[0], pipe.recv(previous[1]), 0)
+
+    def _reread(self, keys: list[bytes], attempt: int) -> Iterator[Record]:
+        """`keys` read again, synchronously (a key that changed type or vanished under us)."""
+        bulks = _bulks(keys)
+        res = execute_packed(self.client, *self._types_request(keys, bulks))
+        kinds, expiries = self._types_reply(keys, bulks, res)
+        for segment in self._segments(keys, bulks, kinds, expiries):
+            yield from self._emit(segment, execute_packed(self.client, segment.payload, segment.count), attempt)
+
+    # ---- request 1: types and absolute expiries ----------------------------------------
+    def _types_request(self, keys: list[bytes], bulks: list[bytes]) -> tuple[bytes, int]:
+        """TYPE of every key, then PEXPIRETIME of every key (Redis >= 7, Valkey), or groups
+        of TIME, PTTL..., TIME (6.2); as (payload, number of commands)."""
+        n = len(keys)
+        payload = _TYPE + _TYPE.join(bulks)
+        if self.info.has_pexpiretime:
+            return payload + _PEXPIRETIME + _PEXPIRETIME.join(bulks), 2 * n
+        groups = [bulks[i:i + _TTL_GROUP] for i in range(0, n, _TTL_GROUP)]
+        return b"".join([payload, *map(_pttl_payload, groups)]), n + sum(len(g) + 2 for g in groups)
+
+    def _types_reply(self, keys: list[bytes], bulks: list[bytes], res: list) -> tuple[list[bytes], list[int | None]]:
+        n = len(keys)
+        raise_first_error(res)
+        if self.info.has_pexpiretime:
+            return res[:n], [x if x >= 0 else None for x in res[n:]]
+        expiries: list[int | None] = []
+        pos = n
+        for i in range(0, n, _TTL_GROUP):
+            group = bulks[i:i + _TTL_GROUP]
+            reply = res[pos:pos + len(group) + 2]
+            pos += len(group) + 2
+            expiries.extend(self._exact_expiries(group, reply))
+        return res[:n], expiries
+
+    def _exact_expiries(self, group: list[bytes], reply: list) -> list[int | None]:
+        """expiry = now + PTTL is exact only if `now` is the millisecond PTTL ran in: retry
+        until the TIMEs before and after the group agree (else keep the last estimate)."""
+        for attempt in range(_TTL_ATTEMPTS):
+            before, after = reply[0], reply[-1]
+            t0 = int(before[0]) * 1000 + int(before[1]) // 1000
+            t1 = int(after[0]) * 1000 + int(after[1]) // 1000
+            if t0 == t1 or attempt == _TTL_ATTEMPTS - 1:
+                break
+            reply = raise_first_error(execute_packed(self.client, _pttl_payload(group), len(group) + 2))
+        return [t0 + p if p >= 0 else None for p in reply[1:-1]]
+
+    # ---- request 2: values -------------------------------------------------------------
+    def _segments(self, keys: list[bytes], bulks: list[bytes], kinds: list[bytes],
+                  expiries: list[int | None]) -> list[Segment]:
+        """The value requests of a batch: runs of keys with at most _COLLECTIONS_PER_TRIP
+        collections (bounds the memory of one request's replies)."""
+        out = []
+        start, collections = 0, 0
+        for i, kind in enumerate(kinds):
+            if kind in _COLLECTIONS:
+                collections += 1
+                if collections > _COLLECTIONS_PER_TRIP:
+                    out.append(self._segment(keys[start:i], bulks[start:i], kinds[start:i], expiries[start:i]))
+                    start, collections = i, 1
+        out.append(self._segment(keys[start:], bulks[start:], kinds[start:], expiries[start:]))
+        return out
+
+    def _segment(self, keys: list[bytes], bulks: list[bytes], kinds: list[bytes],
+                 expiries: list[int | None]) -> Segment:
+        """Every string by one MGET (first), then each collection's commands."""
+        strings = [b for b, t in zip(bulks, kinds) if t == _STRING]
+        parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(strings) + 1), *strings] if strings else []
+        plan: list[tuple[str, int]] = []
+        count = 1 if strings else 0
+        for key, bulk, kind in zip(keys, bulks, kinds):
+            if kind in _COLLECTIONS:
+                fetch = self._fetch.get(kind)
+                if fetch is not None:
+                    parts += (fetch[0], bulk, fetch[1])
+                    n = 1
+                else:  # stream
+                    n = self.part
+                    commands = [("XINFO", "STREAM", key), ("XINFO", "GROUPS", key),
+                                ("XRANGE", key, "-", "+", "COUNT", n + 1)]
+                    parts.append(_pack(commands))
+                    n = len(commands)
+                count += n
+                plan.append((kind.decode(), n))
+        return Segment(keys, kinds, expiries, b"".join(parts), count, plan)
+
+    def _string_records(self, keys: list[bytes], values: list, expiries: list[int | None]) -> Iterator[Record] | None:
+        """The records of a segment's strings, encoded together (the hot path: most keys of
+        an agent's state are strings); None if a key or value is not UTF-8 or a value is nil.
+        Same bytes as encode_record(key, "string", enc(value), x)."""
+        if None in values:
+            return None
+        try:
+            ks = _json_strings([k.decode() for k in keys])
+            vs = _json_strings([v.decode() for v in values])
+        except UnicodeDecodeError:
+            return None
+        bodies = [b'{"k":"%b","t":"string","v":"%b"' % kv for kv in zip(ks, vs)]
+        return iter([(b + (_NULL_TAIL if x is None else b',"x":%d}\n' % x), b + b"}\n")
+                     for b, x in zip(bodies, expiries)])
+
+    def _emit(self, segment: Segment, results: list, attempt: int) -> Iterator[Record]:
+        """The records of one value request, in key order."""
+        keys, kinds, expiries, _, _, plan = segment
+        fast = None
+        pos = 0
+        if _STRING in kinds:
+            pos = 1
+            values = raise_first_error(results[:1])[0]
+            fast = self._string_records([k for k, t in zip(keys, kinds) if t == _STRING], values,
+                                        [x for x, t in zip(expiries, kinds) if t == _STRING])
+            values = iter(values)
+        steps = iter(plan)
+        dumps = orjson.dumps
+        for key, kind, x in zip(keys, kinds, expiries):
+            if kind == _STRING:
+                if fast is not None:
+                    yield next(fast)
+                    continue
+                value = next(values)
+                if value is None:  # gone, or no longer a string (MGET says nil for both)
+                    if attempt < _RETRIES:
+                        yield from self._reread([key], attempt + 1)
+                    continue
+                body = b'{"k":%b,"t":"string","v":%b' % (dumps(enc(key)), dumps(enc(value)))
+                yield (body + (_NULL_TAIL if x is None else b',"x":%d}\n' % x)), body + b"}\n"
+            elif kind in _COLLECTIONS:
+                kind_s, n = next(steps)
+                reply = results[pos:pos + n]
+                pos += n
+                errors = [r for r in reply if isinstance(r, Exception)]
+                if errors:
+                    # WRONGTYPE / no such key: the key changed since TYPE; read it once more
+                    if attempt >= _RETRIES:
+                        raise errors[0]
+                    yield from self._reread([key], attempt + 1)
+                    continue
+                yield from self._records(key, kind_s, x, reply)
+            elif kind != b"none":  # b"none": vanished since SCAN
+                name = kind.decode(errors="replace")
+                self.skipped[name] = self.skipped.get(name, 0) + 1
+                log.warning("skipping key %r of unsupported type %s", key, name)
+
+    def _records(self, key: bytes, kind: str, x: int | None, reply: list) -> Iterator[Record]:
+        n = self.part
+        if kind == "list":
+            yield from self._ranged(key, kind, x, reply[0], 1, lambda s, e: ("LRANGE", key, s, e), list_value)
+        elif kind == "zset":
+            yield from self._ranged(key, kind, x, reply[0], 2,
+                                    lambda s, e: ("ZRANGE", key, s, e, "WITHSCORES"), zset_value)
+        elif kind in ("hash", "set"):
+            items = self._scan_all(key, kind, reply[0])
+            if items:
+                rows = sorted(items.items()) if kind == "hash" else sorted(items)
+                value = pairs_value if kind == "hash" else list_value
+                parts = [rows[i:i + n] for i in range(0, len(rows), n)]
+                for p, rows_p in enumerate(parts):
+                    yield encode_record(key, kind, value(rows_p), x, p if len(parts) > 1 else None)
+        else:
+            yield from self._stream(key, x, *reply)
+
+    def _ranged(self, key, kind, x, first: list, width: int, command, value) -> Iterator[Record]:
+        """A list or zset: by index/rank in pieces of `part` elements (`width` reply items each)."""
+        n = self.part
+        if not first:
+            return
+        if len(first) <= n * width:
+            yield encode_record(key, kind, value(first), x)
+            return
+        yield encode_record(key, kind, value(first[:n * width]), x, 0)
+        p = 1
+        while True:
+            piece = self.client.execute_command(*command(p * n, (p + 1) * n - 1))
+            if not piece:
+                return
+            yield encode_record(key, kind, value(piece), x, p)
+            if len(piece) < n * width:
+                return
+            p += 1
+
+    def _scan_all(self, key: bytes, kind: str, first: list):
+        cursor, flat = first
+        if kind == "hash":
+            items: dict | set = dict(zip(flat[::2], flat[1::2]))
+        else:
+            items = set(flat)
+        command = "HSCAN" if kind == "hash" else "SSCAN"
+        while cursor != b"0":
+            cursor, flat = self.client.execute_command(command, key, cursor, "COUNT", self.part)
+            if kind == "hash":
+                items.update(zip(flat[::2], flat[1::2]))
+            else:
+                items.update(flat)
+        return items
+
+    def _stream(self, key: bytes, x: int | None, info: list, groups: list, entries: list) -> Iterator[Record]:
+        n = self.part
+        meta = {"last_id": flat_to_dict(info)["last-generated-id"].decode("ascii"), "groups": stream_groups(groups)}
+        if len(entries) <= n:
+            yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x)
+            return
+        entries = entries[:n]
+        yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x, 0)
+        p = 1
+        while entries:
+            last = entries[-1][0]
+            entries = self.client.execute_command("XRANGE", key, b"(" + last, "+", "COUNT", n)
+            if entries:
+                yield encode_record(key, "stream", {"entries": stream_entries(entries)}, x, p)
+            if len(entries) < n:
+                return
+            p += 1
+
+
+def _pttl_payload(bulks: list[bytes]) -> bytes:
+    """TIME, PTTL of each key, TIME (Redis 6.2: see KeyReader._exact_expiries)."""
+    return _TIME + _PTTL + _PTTL.join(bulks) + _TIME
