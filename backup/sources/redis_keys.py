@@ -7,9 +7,9 @@ given, matching at least one of them. Patterns use Redis glob syntax as SCAN MAT
 (`*`, `?`, `[abc]`, `[^a]`, `[a-z]`, backslash escapes); a selector without any of `*?[\\`
 means exactly that key.
 
-Key names are collected with SCAN (COUNT 1000, names only), de-duplicated (SCAN may return a
+Key names are collected with SCAN (COUNT 5000, names only), de-duplicated (SCAN may return a
 key twice) and sorted. Up to RUN_LIMIT names are sorted in memory (~100 bytes each for
-typical keys, so ~100 MB); past that, sorted runs spill to temp files and are merged, so
+typical keys, so ~10 MB); past that, sorted runs spill to temp files and are merged, so
 memory stays bounded whatever the keyspace size.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import IO, Iterable, Iterator
 
 from backup.sources.redis_client import execute_many, raise_first_error
 
-RUN_LIMIT = 1_000_000
+RUN_LIMIT = 100_000  # names sorted in memory before a run spills: ~10 MB, so RSS does not grow with the keyspace
 SCAN_COUNT = 5000  # names per SCAN call: fewer round trips, each still ~1 ms of server time
 _GLOB_CHARS = frozenset(b"*?[\\")
 
