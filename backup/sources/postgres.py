@@ -59,7 +59,7 @@ from datetime import timezone
 from typing import Any, Iterator
 
 from backup.sources.base import ItemSpec
-from backup.sources.postgres_schema import (FORMAT, connect, copy_out_sql, describe_table, list_tables, pg_errors,
+from backup.sources.postgres_schema import (FORMAT, connect, copy_out_rows, copy_out_sql, describe_table, list_tables, pg_errors,
                                             resolve_table_name)
 from snapshots.errors import NotFoundError, SourceError
 from snapshots.settings import PostgresSource as PostgresSettings
@@ -113,9 +113,7 @@ class PostgresCut:
         table = item.schema["table"]
         stmt = copy_out_sql(item.schema, table["schema"], table["name"], self._bytewise[item.name])
         with pg_errors(f"read {item.name}", self._url):
-            with self._conn.cursor() as cur, cur.copy(stmt) as copy:
-                for row in copy:  # one CopyData message per row: exactly one record
-                    yield bytes(row)
+            yield from copy_out_rows(self._conn, stmt)  # one CopyData message per row: one record
 
     def backup_item(self, item: ItemSpec, writer: SnapshotWriter) -> None:
         # the generator-free loop: this is the per-row hot path of every backup
@@ -124,9 +122,8 @@ class PostgresCut:
         with writer.item(item.name, item.kind, item.format, item.schema) as w:
             add = w.add
             with pg_errors(f"read {item.name}", self._url):
-                with self._conn.cursor() as cur, cur.copy(stmt) as copy:
-                    for row in copy:
-                        add(bytes(row))
+                for row in copy_out_rows(self._conn, stmt):
+                    add(row)
 
 
 class PostgresSource:

@@ -437,3 +437,48 @@ def resolve_table_name(name: str, default_schema: str = "public") -> tuple[str, 
     if not schema or not table:
         raise NotFoundError(f"{name!r} is not a table name (use schema.table or table)")
     return schema, table
+
+
+def copy_out_rows(conn, stmt) -> Iterator[bytes]:
+    """The rows of a `COPY ... TO STDOUT`, read from libpq directly.
+
+    psycopg's Copy iterator runs its generator/wait machinery for every row (~3 µs); this loop
+    asks libpq for the next CopyData message in blocking mode and nothing else, which is the
+    per-row hot path of both backups and restore verification. An abandoned iteration cancels
+    the COPY and drains the connection so it stays usable. Errors become psycopg errors (the
+    caller's `pg_errors` translates them).
+    """
+    import psycopg
+    from psycopg import errors, pq
+
+    pgconn = conn.pgconn
+    encoding = conn.info.encoding
+    query = stmt.as_bytes(conn) if hasattr(stmt, "as_bytes") else str(stmt).encode()
+    pgconn.send_query(query)
+    res = pgconn.get_result()
+    if res is None or res.status != pq.ExecStatus.COPY_OUT:
+        while pgconn.get_result() is not None:
+            pass
+        raise errors.error_from_result(res, encoding=encoding) if res is not None else \
+            psycopg.OperationalError("COPY did not start")
+    done = False
+    try:
+        while True:
+            n, data = pgconn.get_copy_data(0)
+            if n < 0:
+                break
+            yield bytes(data)
+        done = True
+    finally:
+        if not done:
+            (getattr(conn, "cancel_safe", None) or conn.cancel)()
+            try:
+                while pgconn.get_copy_data(0)[0] >= 0:
+                    pass
+            except psycopg.Error:
+                pass
+        final, last = None, pgconn.get_result()
+        while last is not None:
+            final, last = last, pgconn.get_result()
+        if done and final is not None and final.status != pq.ExecStatus.COMMAND_OK:
+            raise errors.error_from_result(final, encoding=encoding)

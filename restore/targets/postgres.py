@@ -52,7 +52,7 @@ from typing import Any, Iterator
 from psycopg import sql
 
 from backup.sources.postgres_schema import (FORMAT, SCHEMA_VERSION, bytewise_columns, connect,
-                                            copy_out_sql, describe_columns, find_table, key_reader, pg_errors,
+                                            copy_out_rows, copy_out_sql, describe_columns, find_table, key_reader, pg_errors,
                                             resolve_table_name)
 from restore.targets import postgres_ddl as ddl
 from restore.targets import postgres_live as live
@@ -359,9 +359,7 @@ class PostgresTarget:
                 raise NotFoundError(f"{place.qualified} does not exist on the target")
             stmt = copy_out_sql(spec, place.schema, place.name, bytewise_columns(describe_columns(self.conn, found[0])),
                                 ordered=ordered)
-            with self.conn.cursor() as cur, cur.copy(stmt) as copy:
-                for row in copy:
-                    yield bytes(row)
+            yield from copy_out_rows(self.conn, stmt)
 
     def canonical(self, item: Item, record: bytes) -> bytes:
         return record
