@@ -7,7 +7,6 @@ import uuid
 import numpy as np
 import pytest
 
-qdrant_client = pytest.importorskip("qdrant_client")
 from qdrant_client import QdrantClient, models  # noqa: E402
 
 from snapshots.errors import CorruptChunkError, NotFoundError, UsageError  # noqa: E402

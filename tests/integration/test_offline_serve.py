@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 
-qdrant_client = pytest.importorskip("qdrant_client")
 import uvicorn  # noqa: E402
 from qdrant_client import QdrantClient, models  # noqa: E402
 from qdrant_client.http.exceptions import UnexpectedResponse  # noqa: E402
