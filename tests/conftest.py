@@ -60,11 +60,23 @@ def pg_server():
 
 
 @pytest.fixture
-def pg_url(pg_server, request):
-    name = unique_name("svtest", request.node.name[:24])
-    url = pg_server.create_database(name)
-    yield url
-    pg_server.drop_database(name)
+def pg_database(pg_server, request):
+    """pg_database(prefix="svtest") -> URL of a new database on pg_server, dropped after the test."""
+    names: list[str] = []
+
+    def create(prefix: str = "svtest") -> str:
+        name = unique_name(prefix, request.node.name[:20])
+        names.append(name)
+        return pg_server.create_database(name)
+
+    yield create
+    for name in names:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def pg_url(pg_database):
+    return pg_database("svtest")
 
 
 # --------------------------------------------------------------------------- Redis / Valkey

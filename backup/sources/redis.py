@@ -6,7 +6,7 @@ How a cut is read
   kind "keys". A key matching several patterns belongs to the first. `open(only=[...])`
   further restricts every item to keys matching one of the selectors (globs, or exact keys).
 - Order: an item's key names are listed with SCAN MATCH (names only), de-duplicated and sorted
-  by raw bytes (redis_keys.sorted_unique: in memory up to 1M names, ~100 bytes each, then
+  by raw bytes (redis_keys.sorted_unique: in memory up to 100k names, ~100 bytes each, then
   sorted runs spilled to temp files), so records come in a deterministic order and unchanged
   keys dedup.
 - Values: redis_reader.KeyReader, BATCH_SIZE keys at a time, two pipelined requests per batch

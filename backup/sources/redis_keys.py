@@ -15,6 +15,7 @@ memory stays bounded whatever the keyspace size.
 from __future__ import annotations
 
 import heapq
+from itertools import islice
 import re
 import struct
 import tempfile
@@ -214,12 +215,9 @@ class NameSorter:
         self._runs: list[IO[bytes]] = []
 
     def add(self, name: bytes) -> None:
-        self._buf.add(name)
-        if len(self._buf) >= self.run_limit:
-            self._runs.append(_spill(sorted(self._buf)))
-            self._buf = set()
+        self.add_many((name,))
 
-    def add_many(self, names: list[bytes]) -> None:
+    def add_many(self, names: Iterable[bytes]) -> None:
         self._buf.update(names)
         if len(self._buf) >= self.run_limit:
             self._runs.append(_spill(sorted(self._buf)))
@@ -250,14 +248,8 @@ class NameSorter:
 
 def sorted_unique(names: Iterable[bytes], run_limit: int = RUN_LIMIT) -> Iterator[bytes]:
     """`names` sorted and de-duplicated with bounded memory (reads all of `names` first)."""
-    sorter = NameSorter(run_limit)
-    try:
-        for name in names:
-            sorter.add(name)
-    except BaseException:
-        sorter.close()
-        raise
-    yield from sorter
+    it = iter(names)
+    return sorted_unique_pages(iter(lambda: list(islice(it, 5000)), []), run_limit)
 
 
 def sorted_unique_pages(pages: Iterable[list[bytes]], run_limit: int = RUN_LIMIT) -> Iterator[bytes]:

@@ -100,12 +100,9 @@ INSERT INTO events VALUES ('x', 1, NULL), (NULL, NULL, NULL), ('x', 1, NULL), ('
 # ---- helpers -----------------------------------------------------------------------------
 
 @pytest.fixture
-def target_url(pg_server, request):
+def target_url(pg_database):
     """A second fresh database on the same server, dropped after the test."""
-    name = unique_name("svtarget", request.node.name[:20])
-    url = pg_server.create_database(name)
-    yield url
-    pg_server.drop_database(name)
+    return pg_database("svtarget")
 
 
 def settings(url: str, **kw) -> PostgresSettings:
