@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Comparison, header, note, report, timed  # noqa: E402
+from compare import Comparison, dir_size, header, note, report, store_bench_args, timed  # noqa: E402
 
 TABLE = "public.memories"
 
@@ -77,16 +77,10 @@ def count_rows(url: str) -> int:
         return conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each side; the best is kept")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--json", action="store_true")
+    store_bench_args(ap, "--rows", 1_000_000)
     args = ap.parse_args(argv)
 
     from backup.job import snapshot_source

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Comparison, header, note, report, timed  # noqa: E402
+from compare import Comparison, dir_size, header, note, report, store_bench_args, timed  # noqa: E402
 
 COLLECTION = "kb"
 
@@ -76,17 +76,11 @@ def bare_scroll(path: Path, page_size: int) -> int:
         client.close()
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--points", type=int, default=20_000)
+    store_bench_args(ap, "--points", 20_000)
     ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each side; the best is kept")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     from backup.job import snapshot_source

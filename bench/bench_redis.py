@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Comparison, header, note, report, timed  # noqa: E402
+from compare import Comparison, dir_size, header, note, report, store_bench_args, timed  # noqa: E402
 
 REDIS_CLI = "/usr/bin/redis-cli"
 
@@ -73,16 +73,10 @@ def fill(url: str, keys: int, seed: int) -> dict[str, int]:
     return counts
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--keys", type=int, default=200_000)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each side; the best is kept")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--json", action="store_true")
+    store_bench_args(ap, "--keys", 200_000)
     args = ap.parse_args(argv)
 
     from backup.job import snapshot_source

@@ -116,3 +116,19 @@ def peak_rss_mib(field: str = "VmHWM") -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dir_size(path) -> int:
+    """Bytes of every file below `path` (a repository's size on disk)."""
+    from pathlib import Path
+
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def store_bench_args(ap, size_flag: str, default: int):
+    """The arguments every store bench takes: its data size, --repeat, --seed, --json."""
+    ap.add_argument(size_flag, type=int, default=default)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each side; the best is kept")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json", action="store_true")
+    return ap
