@@ -186,7 +186,8 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
                                     f"({tee.digest.count} records read, {exp_count} recorded)")
     canon = _canonical(target, plan)
     identity = getattr(target, "canonical_is_identity", False)
-    count, digest = digest_of(_unordered_read_back(target, plan), None if identity else canon, algo=item.digest_algo)
+    count, digest = digest_of(target.read_back(plan, ordered=False), None if identity else canon,
+                              algo=item.digest_algo)
     check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
     ttl_check = getattr(target, "verify_ttls", None)
     if ttl_check is not None and check.ok:
@@ -206,11 +207,3 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
                                      canonical=canon, classify=getattr(target, "classify", None))
     return check
 
-
-def _unordered_read_back(target, plan: ItemPlan) -> Iterator[bytes]:
-    """The digest does not depend on order: let a target skip its ORDER BY when it can."""
-    import inspect
-
-    if "ordered" in inspect.signature(target.read_back).parameters:
-        return target.read_back(plan, ordered=False)
-    return target.read_back(plan)

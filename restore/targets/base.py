@@ -67,10 +67,12 @@ class Target(Protocol):
         atomic switch at the end; an interrupted restore must never leave a half-replaced item
         where the live one was."""
 
-    def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
+    canonical_is_identity: bool = False  # True: `canonical` returns the record unchanged
+
+    def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
         """The restored item's canonical records (same format and order as the snapshot's),
-        restricted like the plan, for verification. A target may accept `ordered=False` to
-        skip ordering when only the (order-independent) digest is wanted."""
+        restricted like the plan, for verification. `ordered=False` lets a target skip work
+        spent only on ordering when just the (order-independent) digest is wanted."""
 
     def canonical(self, item: Item, record: bytes) -> bytes:
         """The part of a record the digest covers (identity for most formats)."""

@@ -289,7 +289,8 @@ class QdrantTarget:
             self.client.update_collection_aliases(change_aliases_operations=ops)
 
     # ---- verification --------------------------------------------------------------------
-    def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
+    def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
+        # scroll / sorted key order costs nothing extra here: `ordered` changes nothing
         return iter_collection_records(self.client, plan.details["write_to"], plan.item.schema, self.handle.local)
 
     def canonical(self, item: Item, record: bytes) -> bytes:

@@ -211,7 +211,8 @@ class RedisTarget:
         return deleted
 
     # ---- verification --------------------------------------------------------------------
-    def read_back(self, plan: ItemPlan) -> Iterator[bytes]:
+    def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
+        # scroll / sorted key order costs nothing extra here: `ordered` changes nothing
         client, info = self.connection()
         reader = KeyReader(client, info, part_size=plan.details["part_size"])
         with redis_errors(f"{self.what}, reading back {plan.item.name!r}"):
