@@ -179,8 +179,18 @@ class ItemWriter:
         if self._pending >= self._block:
             self._process()
 
-    def add_many(self, records: Iterable[bytes]) -> None:
-        """`add` for each record (no canonical forms), without a method call per record."""
+    def add_many(self, records: Iterable[bytes], canonicals: list[bytes] | None = None) -> None:
+        """`add` for each record, without a method call per record. With `canonicals` (a list
+        as long as `records`, which must then be a list too) the digest covers those."""
+        if canonicals is not None:
+            if len(canonicals) != len(records):
+                raise ValueError(f"{len(records)} records but {len(canonicals)} canonical forms")
+            self._recs += records
+            self._keys += canonicals
+            self._pending += sum(map(len, records))
+            if self._pending >= self._block:
+                self._process()
+            return
         recs, keys = self._recs, self._keys
         pending, block = self._pending, self._block
         for r in records:

@@ -74,11 +74,13 @@ class RedisCut:
                                  "server": self.info.to_dict()})
                 for i, p in enumerate(self.patterns)]
 
-    def _stream(self, item: ItemSpec) -> Iterator[Record]:
+    def _stream(self, item: ItemSpec, blocks: bool = False) -> Iterator:
+        """The item's records (Record), or blocks of them (RecordBlock)."""
         s = item.schema
         scope = Scope(s["pattern"], s["earlier_patterns"], s["only"])
         with redis_errors(f"{self._what}, item {item.name!r}"):
-            yield from read_scope(self.client, self.info, scope, self.reader)
+            keys = scope.keys(self.client)
+            yield from (self.reader.read_blocks(keys) if blocks else self.reader.read(keys))
             self.source_info["scan_finished_at"] = _iso(server_time_ms(self.client))
         self.source_info["skipped_keys"] = dict(self.reader.skipped)
 
@@ -88,9 +90,8 @@ class RedisCut:
 
     def backup_item(self, item: ItemSpec, writer: SnapshotWriter) -> None:
         with writer.item(item.name, item.kind, item.format, item.schema) as w:
-            add = w.add
-            for record, canon in self._stream(item):
-                add(record, canonical=canon)
+            for block in self._stream(item, blocks=True):
+                w.add_many(block.records, block.canonicals)
 
 
 class RedisSource:

@@ -14,12 +14,13 @@ memory stays bounded whatever the keyspace size.
 """
 from __future__ import annotations
 
-import heapq
-from itertools import islice
+import bisect
 import re
-import struct
 import tempfile
-from typing import IO, Iterable, Iterator
+from itertools import islice
+from typing import Iterable, Iterator
+
+import numpy as np
 
 from backup.sources.redis_client import execute_many, raise_first_error
 
@@ -188,21 +189,64 @@ class Scope:
 
 # ---- sorting key names with bounded memory -----------------------------------------------
 
-def _spill(names: list[bytes]) -> IO[bytes]:
-    f = tempfile.TemporaryFile(prefix="statevault-keys-")
-    pack = struct.Struct("<I").pack
-    f.write(b"".join(pack(len(n)) + n for n in names))
-    f.seek(0)
-    return f
+_MERGE_BLOCK = 20_000  # names read from each spilled run at a time while merging
 
 
-def _read_run(f: IO[bytes]) -> Iterator[bytes]:
-    unpack = struct.Struct("<I").unpack
-    while True:
-        head = f.read(4)
-        if not head:
-            return
-        yield f.read(unpack(head)[0])
+class _Run:
+    """A sorted run of names spilled to a temp file: the names' lengths (uint32) then their
+    bytes, read back a block of names at a time (no Python call per name)."""
+
+    def __init__(self, names: list[bytes]):
+        self._f = tempfile.TemporaryFile(prefix="statevault-keys-")
+        lens = np.fromiter(map(len, names), dtype=np.uint32, count=len(names))
+        self._f.write(lens.tobytes())
+        self._f.write(b"".join(names))
+        self._count, self._done = len(names), 0
+        self._lens_at, self._data_at = 0, lens.nbytes
+
+    def next_block(self) -> list[bytes]:
+        n = min(_MERGE_BLOCK, self._count - self._done)
+        if n <= 0:
+            return []
+        self._f.seek(self._lens_at)
+        lens = np.frombuffer(self._f.read(4 * n), dtype=np.uint32)
+        ends = np.cumsum(lens, dtype=np.int64)
+        self._f.seek(self._data_at)
+        data = self._f.read(int(ends[-1]))
+        self._done += n
+        self._lens_at += 4 * n
+        self._data_at += len(data)
+        starts = (ends - lens).tolist()
+        return [data[a:b] for a, b in zip(starts, ends.tolist())]
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _merge_runs(runs: list[_Run]) -> Iterator[list[bytes]]:
+    """The names of sorted runs, merged and de-duplicated, a sorted list at a time: each round
+    emits every buffered name up to the smallest of the blocks' last names (the other names
+    are not known to be next yet) with one C-level sort of already sorted pieces."""
+    blocks = [(r, b) for r in runs if (b := r.next_block())]
+    last: bytes | None = None
+    while blocks:
+        bound = min(b[-1] for _, b in blocks)
+        pieces: list[bytes] = []
+        rest = []
+        for run, block in blocks:
+            cut = bisect.bisect_right(block, bound)
+            pieces += block[:cut]
+            block = block[cut:] or run.next_block()
+            if block:
+                rest.append((run, block))
+        blocks = rest
+        pieces.sort()
+        out = list(dict.fromkeys(pieces))  # drops repeats, keeps the order
+        if out and out[0] == last:
+            out = out[1:]
+        if out:
+            last = out[-1]
+            yield out
 
 
 class NameSorter:
@@ -212,7 +256,7 @@ class NameSorter:
     def __init__(self, run_limit: int = RUN_LIMIT):
         self.run_limit = run_limit
         self._buf: set[bytes] = set()
-        self._runs: list[IO[bytes]] = []
+        self._runs: list[_Run] = []
 
     def add(self, name: bytes) -> None:
         self.add_many((name,))
@@ -220,7 +264,7 @@ class NameSorter:
     def add_many(self, names: Iterable[bytes]) -> None:
         self._buf.update(names)
         if len(self._buf) >= self.run_limit:
-            self._runs.append(_spill(sorted(self._buf)))
+            self._runs.append(_Run(sorted(self._buf)))
             self._buf = set()
 
     def __iter__(self) -> Iterator[bytes]:
@@ -229,19 +273,16 @@ class NameSorter:
                 yield from sorted(self._buf)
                 return
             if self._buf:
-                self._runs.append(_spill(sorted(self._buf)))
+                self._runs.append(_Run(sorted(self._buf)))
             self._buf = set()
-            previous = None
-            for name in heapq.merge(*(_read_run(f) for f in self._runs)):
-                if name != previous:
-                    yield name
-                    previous = name
+            for names in _merge_runs(self._runs):
+                yield from names
         finally:
             self.close()
 
     def close(self) -> None:
-        for f in self._runs:
-            f.close()
+        for run in self._runs:
+            run.close()
         self._runs = []
         self._buf = set()
 

@@ -5,6 +5,7 @@ import orjson
 import pytest
 
 from backup.sources.redis_keys import selector_may_match, sorted_minus, sorted_unique
+from backup.sources.redis_reader import _json_strings
 from backup.sources.redis_records import canonical, encode_record, record_head, record_key, zset_value
 
 
@@ -20,6 +21,19 @@ def test_record_key_and_head_decode_only_the_key(key):
 def test_sorted_unique_spills_runs_and_merges_without_duplicates():
     names = [f"k{i % 997:04d}".encode() for i in range(5000)]
     assert list(sorted_unique(names, run_limit=100)) == sorted(set(names))
+
+
+@pytest.mark.parametrize("run_limit, block", [(50, 7), (300, 1000), (10_000, 3)])
+def test_sorted_unique_merges_binary_names_of_any_length_across_blocks(monkeypatch, run_limit, block):
+    import random
+
+    import backup.sources.redis_keys as redis_keys
+
+    monkeypatch.setattr(redis_keys, "_MERGE_BLOCK", block)
+    rng = random.Random(run_limit)
+    pool = [b"", b"\x00", b"\xff" * 3, b"a", b"a\x00", b"ab"] + [rng.randbytes(rng.randrange(0, 12)) for _ in range(700)]
+    names = [rng.choice(pool) for _ in range(3000)]  # repeats within and across runs
+    assert list(sorted_unique(names, run_limit=run_limit)) == sorted(set(names))
 
 
 def test_sorted_minus_yields_names_missing_from_the_right():
@@ -41,3 +55,15 @@ def test_zset_scores_are_exact_whatever_text_the_server_used():
 ])
 def test_selector_may_match_prunes_items_that_cannot_hold_the_selection(selector, pattern, earlier, may):
     assert selector_may_match(selector, pattern, earlier) is may
+
+
+@pytest.mark.parametrize("texts", [
+    ["a"], [""], ["", ""], ["plain", "text", "here"],
+    ['{"user":"u1","role":"user"}', '["a","b"]', 'ends with a quote"', '","', '"', ""],
+    ["back\\", '","', "slash\\", "x"],            # a backslash before a real separator
+    ['quote\\",', '"x', '\\","', "y"],             # '\\","' inside a string: the slow path
+    ["line\nbreak", "tab\tand\u0001control", "ünï©ødé ☃", "\U0001F600", "\\"],
+])
+def test_json_strings_equals_one_dumps_per_text(texts):
+    expected = [orjson.dumps(t)[1:-1] for t in texts]
+    assert _json_strings(texts) == expected
