@@ -84,7 +84,8 @@ def snapshot_source(repo: Repository, name: str, source_settings, *, tags: Itera
     all_tags = list(source_settings.tags) + list(tags)
     with source.open(only=only) as cut:
         writer = repo.begin_snapshot(name, source_settings.kind, tags=all_tags, backup_set=backup_set,
-                                     source_info=cut.source_info)
+                                     source_info=cut.source_info,
+                                     compression_level=source_settings.compression_level)
         try:
             if progress is not None or abort is not None:
                 original = writer.item

@@ -28,7 +28,7 @@ READ_AHEAD = 4
 
 
 class Repository:
-    def __init__(self, store: ObjectStore, config: RepoConfig, *, compression_level: int = 3,
+    def __init__(self, store: ObjectStore, config: RepoConfig, *, compression_level: int | None = None,
                  upload_concurrency: int = 4, lease_ttl: float = 300):
         self.store = store
         self.config = config
@@ -50,14 +50,16 @@ class Repository:
 
     # ---- writing -------------------------------------------------------------------------
     def begin_snapshot(self, source: str, kind: str, *, tags: Iterable[str] = (), backup_set: str | None = None,
-                       source_info: dict | None = None) -> SnapshotWriter:
-        """Start a snapshot; chunks of the source's latest snapshot count as already stored."""
+                       source_info: dict | None = None, compression_level: int | None = None) -> SnapshotWriter:
+        """Start a snapshot; chunks of the source's latest snapshot count as already stored.
+        zstd level: `compression_level`, else the repository's, else the kind's default."""
         known: dict[str, int] = {}
         previous = self.list_snapshots(source=source)
         if previous:
             known = {c.id: c.stored for it in previous[-1].items + previous[-1].offline_index for c in it.chunks}
         return SnapshotWriter(self, source, kind, tags=tags, backup_set=backup_set,
-                              source_info=source_info, known_chunks=known)
+                              source_info=source_info, known_chunks=known,
+                              compression_level=compression_level)
 
     # ---- snapshots -----------------------------------------------------------------------
     def load_manifest(self, snapshot_id: str) -> Manifest:

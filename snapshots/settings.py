@@ -81,7 +81,9 @@ class RepositorySettings(Frozen):
     url: str = "file://./statevault-repo"
     endpoint_url: str | None = None
     region: str | None = None
-    compression_level: int = Field(3, ge=1, le=22)
+    # zstd level 1-22 for every source; unset: the source's own, else its kind's default
+    # (snapshots/codec.py DEFAULT_LEVELS: postgres 3, redis 2, qdrant 1)
+    compression_level: int | None = Field(None, ge=1, le=22)
     upload_concurrency: int = Field(4, ge=1, le=64)
     # chunks no manifest references are deleted by prune only when older than this
     prune_grace: str = "24h"
@@ -116,6 +118,7 @@ class SourceBase(Frozen):
     retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
     tags: list[str] = Field(default_factory=list)
     drill: DrillTarget = Field(default_factory=DrillTarget)
+    compression_level: int | None = Field(None, ge=1, le=22)  # wins over the repository's
 
     @field_validator("schedule")
     @classmethod

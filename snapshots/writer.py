@@ -79,11 +79,11 @@ class WriteStats:
 
 
 class _Uploader:
-    def __init__(self, repo: "Repository", known: dict[str, int], stats: WriteStats):
+    def __init__(self, repo: "Repository", known: dict[str, int], stats: WriteStats, level: int):
         self.repo = repo
         self.known = known  # chunk id -> stored size, from the source's previous manifest
         self.stats = stats
-        self.level = repo.compression_level
+        self.level = level
         self._pool = ThreadPoolExecutor(max_workers=repo.upload_concurrency, thread_name_prefix="upload")
         self._slots = threading.BoundedSemaphore(repo.upload_concurrency * 2)
         self._claimed: dict[str, int] = {}  # chunk id -> stored size (0 while its upload is in flight)
@@ -257,7 +257,7 @@ class ItemWriter:
 class SnapshotWriter:
     def __init__(self, repo: "Repository", source: str, kind: str, *, tags: Iterable[str] = (),
                  backup_set: str | None = None, source_info: dict | None = None,
-                 known_chunks: dict[str, int] | set[str] | None = None):
+                 known_chunks: dict[str, int] | set[str] | None = None, compression_level: int | None = None):
         _mmap_big_buffers()
         self.repo = repo
         self.source, self.kind = source, kind
@@ -269,7 +269,8 @@ class SnapshotWriter:
         self.stats = WriteStats()
         # known chunks are trusted to be stored (no round trip); a dict also gives their stored sizes
         known = known_chunks if isinstance(known_chunks, dict) else dict.fromkeys(known_chunks or (), 0)
-        self._uploader = _Uploader(repo, dict(known), self.stats)
+        level = codec.compression_level(kind, compression_level, repo.compression_level)
+        self._uploader = _Uploader(repo, dict(known), self.stats, level)
         self._items: list[Item] = []
         self._offline: list[Item] = []
         self._names: set[tuple[bool, str]] = set()

@@ -192,3 +192,40 @@ def test_an_aborted_snapshot_is_invisible_and_aborts_quietly(repo, caplog):
     assert repo.list_snapshots() == []
     with pytest.raises(Aborted):
         writer.check_aborted(gate)
+
+
+@pytest.mark.parametrize("kind, source_level, repo_level, expected", [
+    ("postgres", None, None, 3), ("redis", None, None, 2), ("qdrant", None, None, 1), ("other", None, None, 3),
+    ("redis", None, 6, 6), ("qdrant", 9, 6, 9),
+])
+def test_chunks_are_compressed_at_the_source_then_repository_then_kind_level(file_repo_url, kind, source_level,
+                                                                              repo_level, expected):
+    repo = open_repository(file_repo_url, create=True, config=RepoConfig(id="t", created_at=utcnow(), **SMALL_CHUNKS))
+    repo.compression_level = repo_level
+    records = memory_rows(40)
+    data = b"".join(records)  # under the minimum chunk size: one chunk
+    assert len({codec.compress(data, level) for level in (1, 2, 3, 6, 9)}) == 5  # the levels are told apart
+    writer = repo.begin_snapshot("s", kind, compression_level=source_level)
+    with writer.item("t", "table", "jsonl", {}) as item:
+        item.add_many(records)
+    manifest = writer.commit(utcnow())
+    [chunk] = manifest.items[0].chunks
+    assert repo.store.get(codec.chunk_key(chunk.id)) == codec.compress(data, expected)
+
+
+def test_a_source_compression_level_reaches_its_chunks(tmp_path, qdrant_client, qdrant_path):
+    from qdrant_client import models
+
+    from backup.job import snapshot_source
+    from snapshots.settings import QdrantSource
+
+    qdrant_client.create_collection("kb", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
+    qdrant_client.upsert("kb", [models.PointStruct(id=i, vector=[i, 1, 2, 3], payload={"t": "x" * i}) for i in range(50)])
+    qdrant_client.close()
+    for level in (None, 7):  # a repository each: the same chunk stored once would dedup
+        repo = open_repository((tmp_path / f"repo-{level}").as_uri(), create=True)
+        cfg = QdrantSource(kind="qdrant", path=str(qdrant_path), offline_index=False, compression_level=level)
+        manifest, _ = snapshot_source(repo, "knowledge", cfg)
+        [chunk] = manifest.items[0].chunks
+        data = b"".join(repo.iter_records(manifest.items[0]))
+        assert repo.store.get(codec.chunk_key(chunk.id)) == codec.compress(data, level or 1)

@@ -58,3 +58,17 @@ def test_store_bench_json_output_has_the_same_comparisons():
         assert len(c["ours"]) == len(c["theirs"]) == 1
         assert c["ratio"] == pytest.approx(c["ours_s"] / c["reference_s"], rel=1e-3)
         assert c["met"] == (c["ratio"] <= c["goal"])
+
+
+def test_levels_bench_measures_every_kind_at_every_level_and_marks_the_default():
+    from snapshots.codec import DEFAULT_LEVELS
+
+    result = json.loads(run_bench("bench_levels.py", "--mib", "0.5", "--levels", "1,3", "--json").strip().splitlines()[-1])
+    assert set(result["kinds"]) == set(DEFAULT_LEVELS)
+    for kind, r in result["kinds"].items():
+        assert r["default"] == DEFAULT_LEVELS[kind]
+        assert r["bytes"] >= 512 << 10
+        assert [x["level"] for x in r["levels"]] == [1, 3]
+        assert all(x["mb_s"] > 0 and x["ratio"] > 1.2 for x in r["levels"]), r  # the records compress
+    human = run_bench("bench_levels.py", "--mib", "0.25", "--levels", "2")
+    assert re.search(r"^\s+redis\s+\*2:", human, re.M), human
