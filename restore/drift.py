@@ -1,6 +1,8 @@
 """Drift detection: compare a live store with a snapshot without restoring anything."""
 from __future__ import annotations
 
+import dataclasses
+
 from backup.sources import open_source
 from restore.targets import open_target
 from restore.verify import ItemCheck, digest_of
@@ -43,6 +45,8 @@ def _measure(cfg, items, canon, only: list[str]) -> list[ItemCheck]:
         live = {spec.name: spec for spec in cut.items()}
         for item in items:
             spec = live.get(item.name)
+            if spec is not None:  # the live records in the snapshot's record format (Qdrant has two)
+                spec = dataclasses.replace(spec, format=item.format)
             count, digest = (digest_of(cut.records(spec), canon[item.name], algo=item.digest_algo)
                              if spec else (0, ""))
             checks.append(ItemCheck(item.name, item.name, item.records, item.digest, count, digest))

@@ -203,7 +203,9 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
         if custom is not None:
             check.diff = custom(plan, expected)
         else:
+            classify = getattr(target, "classify", None)
             check.diff = diff_sorted(expected, target.read_back(plan), key=lambda r: target.record_key(item, r),
-                                     canonical=canon, classify=getattr(target, "classify", None))
+                                     canonical=canon,
+                                     classify=None if classify is None else lambda e, a: classify(item, e, a))
     return check
 

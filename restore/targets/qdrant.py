@@ -1,7 +1,7 @@
 """Qdrant target: recreate collections from a snapshot, replace them, or swap them in atomically.
 
-Records are "qdrant-points-jsonl-v1" lines (backup/sources/qdrant.py documents the format);
-each becomes a PointStruct, upserted in batches with wait=True (idempotent by id, so a
+Records are "qdrant-points-jsonl-v2" (or -v1) lines (backup/sources/qdrant.py documents the
+formats); each becomes a PointStruct, upserted in batches with wait=True (idempotent by id, so a
 transient failure is retried). The collection is created from the item's schema (vectors,
 sparse vectors, hnsw/optimizer/wal/quantization settings, shards), payload indexes after the
 data. Reading back uses the source's own encoder, so a faithful restore reads back the very
@@ -45,10 +45,9 @@ import warnings
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
-import orjson
 
-from backup.sources.qdrant import (FORMAT, ITEM_KIND, STAGING_MARK, QdrantHandle, connect_qdrant,
-                                   iter_collection_records, qdrant_call)
+from backup.sources.qdrant import (FORMATS, ITEM_KIND, STAGING_MARK, QdrantHandle, connect_qdrant,
+                                   decode_record, iter_collection_records, qdrant_call)
 from backup.sources.qdrant_config import (SCHEMA_FORMAT, collection_schema, create_collection_kwargs,
                                           describe_difference, payload_index_ops, signature, vector_layout)
 from restore.targets.base import ItemPlan, RestoreOptions
@@ -124,9 +123,9 @@ class QdrantTarget:
         return [self._plan_item(item, into or item.name, mode, aliases, physical) for item in items]
 
     def _plan_item(self, item: Item, name: str, mode: str, aliases: dict[str, str], physical: set[str]) -> ItemPlan:
-        if item.format != FORMAT:
+        if item.format not in FORMATS:
             raise IncompatibleTargetError(f"item {item.name!r} has record format {item.format!r}; "
-                                          f"this statevault restores {FORMAT}")
+                                          f"this statevault restores {', '.join(FORMATS)}")
         if int(item.schema.get("format", 1)) > SCHEMA_FORMAT:
             raise IncompatibleTargetError(f"item {item.name!r} has a collection config from a newer statevault")
         if not name or "/" in name or STAGING_MARK in name:
@@ -216,7 +215,7 @@ class QdrantTarget:
                 self._alias_ops([_create_alias(a, write_to) for a in keep_aliases], f"restore aliases of {write_to!r}")
         elif d["physical"] is None:
             self._create(write_to, schema)
-        self._upsert_all(write_to, records, schema, options)
+        self._upsert_all(write_to, records, schema, plan.item.format, options)
         self._payload_indexes(write_to, schema)
 
     def _create(self, name: str, schema: dict) -> None:
@@ -234,13 +233,15 @@ class QdrantTarget:
         except Exception as exc:  # noqa: BLE001 - translated
             raise _translate(exc, f"create collection {name!r}") from exc
 
-    def _upsert_all(self, name: str, records: Iterator[bytes], schema: dict, options: RestoreOptions) -> None:
-        sparse = set(vector_layout(schema).sparse)
+    def _upsert_all(self, name: str, records: Iterator[bytes], schema: dict, fmt: str,
+                    options: RestoreOptions) -> None:
+        layout = vector_layout(schema)
+        sparse = set(layout.sparse)
         limit = max(1, min(options.batch_size, UPSERT_BATCH))
         batch: list = []
         size = 0
         for record in records:
-            batch.append(point_from_record(orjson.loads(record), sparse))
+            batch.append(point_from_record(decode_record(record, layout, fmt), sparse))
             size += len(record)
             if len(batch) >= limit or size >= MAX_BATCH_BYTES:
                 self._upsert(name, batch)
@@ -291,7 +292,8 @@ class QdrantTarget:
     # ---- verification --------------------------------------------------------------------
     def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
         # scroll / sorted key order costs nothing extra here: `ordered` changes nothing
-        return iter_collection_records(self.client, plan.details["write_to"], plan.item.schema, self.handle.local)
+        return iter_collection_records(self.client, plan.details["write_to"], plan.item.schema, self.handle.local,
+                                       fmt=plan.item.format)
 
     def canonical(self, item: Item, record: bytes) -> bytes:
         return record
@@ -301,10 +303,11 @@ class QdrantTarget:
         raw = record[6:record.index(b",", 6)]  # records start with {"id":<id>, and ids hold no comma
         return (1, raw.decode()[1:-1]) if raw.startswith(b'"') else (0, int(raw))
 
-    def classify(self, expected: bytes, actual: bytes) -> str:
+    def classify(self, item: Item, expected: bytes, actual: bytes) -> str:
         """Name a difference for diff reports: payload, vector, or vector-low-bits (float32 last-bit
         changes, as local mode's Cosine re-normalisation makes)."""
-        e, a = orjson.loads(expected), orjson.loads(actual)
+        layout = vector_layout(item.schema)
+        e, a = decode_record(expected, layout, item.format), decode_record(actual, layout, item.format)
         if e["payload"] != a["payload"]:
             return "payload"
         return "vector-low-bits" if _close(e["vector"], a["vector"]) else "vector"

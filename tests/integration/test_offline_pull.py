@@ -12,7 +12,8 @@ import pytest
 from qdrant_client import models as m
 
 from backup.job import snapshot_source
-from backup.sources.qdrant import connect_qdrant
+from backup.sources.qdrant import connect_qdrant, decode_record
+from backup.sources.qdrant_config import vector_layout
 from snapshots import codec
 from snapshots.errors import CorruptChunkError, ManifestError, NotFoundError
 from snapshots.offline.layout import read_meta, verify_files
@@ -78,7 +79,8 @@ def test_pull_lays_out_the_index_row_for_row(backed_up, tmp_path):
         else:
             assert np.isnan(image[row]).all()
     # bit for bit what the collection item holds
-    snap = [orjson.loads(r) for r in repo.iter_records(manifest.item("kb"))]
+    item = manifest.item("kb")
+    snap = [decode_record(r, vector_layout(item.schema), item.format) for r in repo.iter_records(item)]
     assert np.array_equal(text, np.asarray([r["vector"]["text"] for r in snap], dtype=np.float32))
 
     faq = tmp_path / "offline" / "faq"

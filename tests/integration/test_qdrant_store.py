@@ -6,6 +6,7 @@ before a child process opens the same path.
 """
 from __future__ import annotations
 
+import base64
 import os
 import random
 import shutil
@@ -23,9 +24,10 @@ import pytest
 from qdrant_client import models as m
 
 from backup.job import snapshot_source
-from backup.sources.qdrant import (QdrantSource, connect_qdrant, iter_collection_records, local_canonical,
-                                   translate_qdrant_error)
-from backup.sources.qdrant_config import collection_schema, create_collection_kwargs, payload_index_ops
+from backup.sources.qdrant import (FORMAT, FORMAT_V1, QdrantSource, connect_qdrant, decode_record,
+                                   iter_collection_records, local_canonical, translate_qdrant_error)
+from backup.sources.qdrant_config import (collection_schema, create_collection_kwargs, payload_index_ops,
+                                          vector_layout)
 from restore.run import restore_snapshot
 from restore.targets.base import RestoreOptions
 from restore.targets.qdrant import QdrantTarget
@@ -125,22 +127,25 @@ def search_ids(client, name: str, query, using: str | None) -> list:
 def test_records_in_id_order_with_float32_vectors(store, file_repo_url, qdrant_path):
     manifest, _ = backup(small_repo(file_repo_url), qdrant_path)
     repo = open_repository(file_repo_url)
-    lines = list(repo.iter_records(manifest.item("faq")))
+    item = manifest.item("faq")
+    assert item.format == "qdrant-points-jsonl-v2"
+    lines = list(repo.iter_records(item))
     ids = [orjson.loads(line)["id"] for line in lines]
     ints = [i for i in ids if isinstance(i, int)]
     uuids = [i for i in ids if isinstance(i, str)]
     assert ids == sorted(ints) + sorted(uuids) and ints and uuids  # ints first, then UUIDs by text
     first = lines[0]
-    assert first.startswith(b'{"id":') and b',"payload":{"answers":' in first and first.endswith(b"]}\n")
-    vec = orjson.loads(first)["vector"]
-    assert isinstance(vec, list) and len(vec) == 16
-    as_f32 = np.asarray(vec, dtype=np.float32)
-    assert orjson.dumps(as_f32, option=orjson.OPT_SERIALIZE_NUMPY) in first  # shortest float32 text
+    assert first.startswith(b'{"id":') and b',"payload":{"answers":' in first and first.endswith(b'"}\n')
+    packed = orjson.loads(first)["vector"]  # base64 of the little-endian float32 components
+    as_f32 = np.frombuffer(base64.b64decode(packed, validate=True), dtype="<f4")
+    assert len(as_f32) == 16
+    assert decode_record(first, vector_layout(item.schema), item.format)["vector"] == as_f32.tolist()
     [stored] = store.client.retrieve("faq", [ids[0]], with_vectors=True)
     assert np.array_equal(as_f32, np.asarray(stored.vector, dtype=np.float32))
     named = orjson.loads(next(iter(repo.iter_records(manifest.item("kb")))))
     assert set(named["vector"]) == {"text", "keywords"}  # point 3 (i=0) has no image vector
     assert sorted(named["vector"]["keywords"]) == ["indices", "values"]
+    assert isinstance(named["vector"]["text"], str)
 
 
 def test_round_trip_restores_points_config_and_search(store, file_repo_url, qdrant_path):
@@ -448,3 +453,94 @@ def test_round_trip_unnamed_with_sparse_and_multivectors(qdrant_path, file_repo_
             target.close()
     finally:
         handle.close()
+
+
+def seed_colbert(client, name: str = "colbert", n: int = 40) -> None:
+    rng = np.random.default_rng(3)
+    client.create_collection(name, vectors_config={
+        "mv": m.VectorParams(size=4, distance="Cosine", multivector_config=m.MultiVectorConfig(comparator="max_sim")),
+        "small": m.VectorParams(size=3, distance="Manhattan")})
+    client.upsert(name, [m.PointStruct(id=i, vector={"mv": rng.standard_normal((1 + i % 3, 4)).tolist(),
+                                                     "small": rng.standard_normal(3).tolist()}) for i in range(n)])
+
+
+def v1_snapshot(repo, handle, names):
+    """A snapshot as statevault wrote it before records format v2 (vectors as decimals)."""
+    writer = repo.begin_snapshot("kb", "qdrant", source_info={"mode": "local"})
+    for name in names:
+        schema = collection_schema(handle.client.get_collection(name), local=True)
+        with writer.item(name, "collection", FORMAT_V1, schema) as w:
+            w.add_many(iter_collection_records(handle.client, name, schema, local=True, fmt=FORMAT_V1))
+    return writer.commit(utcnow())
+
+
+def _f32(value):
+    """Every list of numbers as the bytes of its float32 values (v1 decodes to the decimals'
+    float64 values, v2 to the float32 values themselves: the same float32 either way)."""
+    if isinstance(value, dict):
+        return {k: _f32(v) for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(x, (int, float, list)) for x in value):
+        return np.asarray(value, dtype=np.float32).tobytes()
+    return value
+
+
+def test_both_record_formats_decode_to_the_same_points(store):
+    seed_colbert(store.client)
+    for name in ("kb", "faq", "colbert"):
+        schema = collection_schema(store.client.get_collection(name), local=True)
+        layout = vector_layout(schema)
+        v1 = list(iter_collection_records(store.client, name, schema, local=True, fmt=FORMAT_V1))
+        v2 = list(iter_collection_records(store.client, name, schema, local=True, fmt=FORMAT))
+        assert len(v1) == len(v2) > 0 and v1 != v2
+        assert sum(map(len, v2)) < sum(map(len, v1))
+        decoded = [decode_record(r, layout, FORMAT) for r in v2]
+        assert [_f32(d) for d in decoded] == [_f32(decode_record(r, layout, FORMAT_V1)) for r in v1]
+        live = {p.id: p for p in store.client.scroll(name, limit=1000, with_vectors=True)[0]}
+        for rec in decoded:  # the decoded vectors are the stored float32 values
+            point = live[rec["id"]]
+            stored = point.vector if isinstance(point.vector, dict) else {"": point.vector}
+            vectors = rec["vector"] if isinstance(rec["vector"], dict) else {"": rec["vector"]}
+            assert vectors.keys() == stored.keys()
+            for key, value in vectors.items():
+                if key == "keywords":
+                    assert value["indices"] == stored[key].indices
+                    assert np.array_equal(np.float32(value["values"]), np.float32(stored[key].values))
+                elif key != "text" and key != "mv":  # Cosine ones are in their canonical local form
+                    assert np.array_equal(np.float32(value), np.float32(stored[key]))
+
+
+def test_a_v1_snapshot_still_restores_verifies_and_shows_no_drift(store, file_repo_url, qdrant_path):
+    seed_colbert(store.client)
+    repo = small_repo(file_repo_url)
+    manifest = v1_snapshot(repo, store, ["colbert", "kb"])
+    assert {i.format for i in manifest.items} == {FORMAT_V1}
+    cfg = Settings(sources={"kb": {"kind": "qdrant", "path": str(qdrant_path)}})
+    from restore.drift import verify_live
+
+    _, checks = verify_live(repo, cfg, "kb", manifest.id)
+    assert [(c.item, c.ok) for c in checks] == [("colbert", True), ("kb", True)]
+    for name in ("colbert", "kb"):
+        result = restore_snapshot(repo, cfg, "kb", manifest.id, only=[name], into=f"{name}_copy")
+        assert result.ok and result.records_restored == manifest.item(name).records
+        assert records_of(store, f"{name}_copy") == records_of(store, name)  # v2 records of both
+
+
+def test_diff_reports_name_vector_low_bit_changes_in_v2_records(store):
+    schema = collection_schema(store.client.get_collection("faq"), local=True)
+    [first, second] = list(iter_collection_records(store.client, "faq", schema, local=True))[:2]
+    rec = orjson.loads(first)
+    vec = np.frombuffer(base64.b64decode(rec["vector"]), "<f4").copy()
+    vec[0] = np.nextafter(vec[0], np.float32(np.inf))  # one last-bit change
+    low_bits = first.replace(rec["vector"].encode(), base64.b64encode(vec.astype("<f4").tobytes()))
+    vec[1] += 0.5
+    changed = first.replace(rec["vector"].encode(), base64.b64encode(vec.astype("<f4").tobytes()))
+    payload = first.replace(b'"votes":', b'"votes":1')
+    from snapshots.manifest import Item
+
+    item = Item(name="faq", kind="collection", format=FORMAT, records=1, digest="", digest_algo="x", bytes=0,
+                stored_bytes=0, chunks=[], schema=schema)
+    target = QdrantTarget.__new__(QdrantTarget)
+    assert target.classify(item, first, low_bits) == "vector-low-bits"
+    assert target.classify(item, first, changed) == "vector"
+    assert target.classify(item, first, payload) == "payload"
+    assert target.classify(item, first, second) in ("payload", "vector")
