@@ -377,3 +377,61 @@ def test_undoing_a_partial_restore_from_its_pre_restore_snapshot_touches_only_th
     assert c.lrange("history:u4", 0, -1) == [f"u4 message {m}".encode() for m in range(5)]
     assert not c.exists("history:u4:extra")
     assert {k: v for k, v in typed_dump(redis_url).items() if not k.startswith(b"history:u4")} == others
+
+
+# ---- keys changing while they are read -----------------------------------------------------
+
+@pytest.mark.parametrize("server", ["redis_server", "redis6_server"])
+def test_keys_changing_between_the_reads_of_a_batch_are_read_as_they_end_up(server, own_db, request):
+    """The reader's requests per batch: MGET + expiries, then TYPE of the keys MGET had no value
+    for, then the collections' commands. Writes injected between those requests (at the exact
+    points, through a second connection) must give each key's state as of one moment, or no
+    record when it is gone, never an error or a wrong type."""
+    from backup.sources.redis_client import connect, server_info
+    from backup.sources.redis_reader import KeyReader
+
+    url = own_db(server)
+    writer = redis.Redis.from_url(url)
+    writer.set("a:appears", "x")               # a string that MGET will miss: deleted, then set again
+    writer.rpush("b:list-gone", "1", "2")      # a list deleted before TYPE
+    writer.rpush("c:list-to-string", "1")      # a list that is a string by the time it is fetched
+    writer.hset("d:hash-gone", "f", "v")       # a hash deleted before it is fetched
+    writer.set("e:string-to-list", "old")      # a string MGET saw, a list right after
+    writer.set("f:plain", "same", px=3_600_000)
+    writer.delete("a:appears")
+    keys = sorted(k.encode() for k in ("a:appears", "b:list-gone", "c:list-to-string", "d:hash-gone",
+                                      "e:string-to-list", "f:plain"))
+    calls = []
+
+    class Racing(KeyReader):
+        def _head_reply(self, *a):  # after MGET + expiries ran, before TYPE
+            out = super()._head_reply(*a)
+            calls.append("head")
+            writer.set("a:appears", "new")
+            writer.delete("b:list-gone")
+            writer.delete("e:string-to-list")
+            writer.rpush("e:string-to-list", "now a list")
+            return out
+
+        def _kinds(self, *a):  # after TYPE ran, before the collections are fetched
+            kinds = super()._kinds(*a)
+            if calls == ["head"]:
+                calls.append("kinds")
+                writer.delete("c:list-to-string")
+                writer.set("c:list-to-string", "now a string")
+                writer.delete("d:hash-gone")
+            return kinds
+
+    client = connect(url)
+    try:
+        records = [orjson.loads(r) for r, _ in Racing(client, server_info(client, url)).read(keys)]
+    finally:
+        client.close()
+    assert calls[:2] == ["head", "kinds"]
+    assert [(r["k"], r["t"], r["v"]) for r in records] == [
+        ("a:appears", "string", "new"),           # nil in MGET, TYPE said string: read again
+        ("c:list-to-string", "string", "now a string"),  # LRANGE answered WRONGTYPE: read again
+        ("e:string-to-list", "string", "old"),    # as MGET saw it
+        ("f:plain", "string", "same"),
+    ]
+    assert records[-1]["x"] is not None and records[0]["x"] is None
