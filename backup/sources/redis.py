@@ -9,9 +9,9 @@ How a cut is read
   by raw bytes (redis_keys.sorted_unique: in memory up to 100k names, ~100 bytes each, then
   sorted runs spilled to temp files), so records come in a deterministic order and unchanged
   keys dedup.
-- Values: redis_reader.KeyReader, BATCH_SIZE keys at a time, pipelined (one MGET of the batch
-  + exact absolute expiries, TYPE of the keys that are not strings, then commands per
-  collection; huge collections in PART_SIZE pieces). A key that vanishes between SCAN and
+- Values: redis_reader.KeyReader, BATCH_SIZE keys at a time, two pipelined requests per batch
+  (TYPE + exact absolute expiry, then the values: one MGET for the batch's strings, commands
+  per collection; huge collections in PART_SIZE pieces). A key that vanishes between SCAN and
   fetch is skipped; one that changes type meanwhile is read again (twice at most). Keys of
   module types (ReJSON-RL, ...) are skipped, logged and counted in
   source_info["skipped_keys"].

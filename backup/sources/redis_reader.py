@@ -3,23 +3,21 @@
 Shared by the Redis source and the Redis target's read-back, so both sides produce the same
 canonical records from the same data.
 
-Per batch of BATCH_SIZE sorted key names, on one connection (ReplyPipe):
-1. MGET of every key (a string's value; nil for any other type and for a missing key), then
-   every key's absolute expiry: PEXPIRETIME on Redis >= 7 / Valkey; on 6.2 PTTL bracketed by
-   TIME, re-asked until both TIMEs fall in the same millisecond so TIME + PTTL is exact;
-2. TYPE of the keys MGET gave no value for (none when every key is a string: agent state is
-   mostly strings, and the server is spared a TYPE per string key);
-3. the collections, in segments of at most _COLLECTIONS_PER_TRIP, each by its own commands
-   (LRANGE, HSCAN, SSCAN, ZRANGE WITHSCORES, XINFO + XRANGE). Lists, zsets and streams longer
-   than PART_SIZE are fetched and emitted in PART_SIZE pieces; hashes and sets are scanned
-   whole and sorted in memory (one key's fields at a time), then split.
+Per batch of BATCH_SIZE sorted key names, two requests on one connection (ReplyPipe):
+1. TYPE of every key, then its absolute expiry: PEXPIRETIME on Redis >= 7 / Valkey; on 6.2
+   PTTL bracketed by TIME, re-asked until both TIMEs fall in the same millisecond so
+   TIME + PTTL is exact;
+2. the values, in segments of at most _COLLECTIONS_PER_TRIP collections: every string of the
+   segment by one MGET, each collection by its own commands (LRANGE, HSCAN, SSCAN,
+   ZRANGE WITHSCORES, XINFO + XRANGE). Lists, zsets and streams longer than PART_SIZE are
+   fetched and emitted in PART_SIZE pieces; hashes and sets are scanned whole and sorted in
+   memory (one key's fields at a time), then split.
 Requests go out one step ahead: while a segment's records are encoded, the server already
-computes the next batch's values and expiries and the next segment's collections.
+computes the next batch's types and the next segment's values.
 
 A key that vanishes between SCAN and fetch is skipped; one that changes type meanwhile is read
-again (twice at most): a key MGET had no value for whose TYPE then says string, and a
-collection whose command answers WRONGTYPE. A string is recorded with the value MGET saw.
-Keys of module types (ReJSON-RL, ...) are skipped, logged and counted in `skipped`.
+again (twice at most; MGET answers nil for both, so a nil string is re-read). Keys of module
+types (ReJSON-RL, ...) are skipped, logged and counted in `skipped`.
 
 Commands are packed here from each key's RESP bulk string (`$len\\r\\nkey\\r\\n`, built once
 per key) and fixed per-command prefixes: joining those is C work, where a generic packer
@@ -96,8 +94,7 @@ class Segment(NamedTuple):
     keys: list[bytes]
     kinds: list[bytes]
     expiries: list[int | None]
-    values: list                      # each string's value (from request 1), None for other keys
-    payload: bytes                    # the collections' commands (b"" when there is none)
+    payload: bytes
     count: int                        # commands in payload
     plan: list[tuple[str, int]]       # (kind, commands) of each collection, in order
 
@@ -129,86 +126,60 @@ class KeyReader:
         batch = list(islice(it, self.batch_size))
         if not batch:
             return
-        def ticket(segment: Segment) -> int | None:
-            return pipe.send(segment.payload, segment.count) if segment.count else None
-
-        def replies(t: int | None) -> list:
-            return [] if t is None else pipe.recv(t)
-
         with ReplyPipe(self.client) as pipe:
             bulks = _bulks(batch)
-            head = pipe.send(*self._head_request(batch, bulks))
-            previous = None  # (segment, ticket): collections asked for, records not encoded yet
+            types = pipe.send(*self._types_request(batch, bulks))
+            previous = None  # (segment, ticket): values asked for, records not encoded yet
             while batch:
-                values, expiries = self._head_reply(batch, bulks, pipe.recv(head))
-                unknown = [i for i, v in enumerate(values) if v is None]
-                types = pipe.send(*self._types_request([bulks[i] for i in unknown])) if unknown else None
+                kinds, expiries = self._types_reply(batch, bulks, pipe.recv(types))
                 following = list(islice(it, self.batch_size))
                 if following:
                     next_bulks = _bulks(following)
-                    head = pipe.send(*self._head_request(following, next_bulks))
-                kinds = self._kinds(values, unknown, replies(types))
-                for segment in self._segments(batch, bulks, kinds, expiries, values):
-                    t = ticket(segment)
+                    types = pipe.send(*self._types_request(following, next_bulks))
+                for segment in self._segments(batch, bulks, kinds, expiries):
+                    ticket = pipe.send(segment.payload, segment.count)
                     if previous is not None:
-                        yield self._emit_block(previous[0], replies(previous[1]))
-                    previous = segment, t
+                        yield self._emit_block(previous[0], pipe.recv(previous[1]))
+                    previous = segment, ticket
                 if following:
                     batch, bulks = following, next_bulks
                 else:
                     batch = following
             if previous is not None:
-                yield self._emit_block(previous[0], replies(previous[1]))
+                yield self._emit_block(previous[0], pipe.recv(previous[1]))
 
     def _reread(self, keys: list[bytes], attempt: int) -> Iterator[Record]:
         """`keys` read again, synchronously (a key that changed type or vanished under us)."""
         bulks = _bulks(keys)
-        values, expiries = self._head_reply(keys, bulks, execute_packed(self.client, *self._head_request(keys, bulks)))
-        unknown = [i for i, v in enumerate(values) if v is None]
-        types = execute_packed(self.client, *self._types_request([bulks[i] for i in unknown])) if unknown else []
-        for segment in self._segments(keys, bulks, self._kinds(values, unknown, types), expiries, values):
+        res = execute_packed(self.client, *self._types_request(keys, bulks))
+        kinds, expiries = self._types_reply(keys, bulks, res)
+        for segment in self._segments(keys, bulks, kinds, expiries):
             yield from self._emit(segment, execute_packed(self.client, segment.payload, segment.count), attempt)
 
-    # ---- requests 1 and 2: string values and absolute expiries; the other keys' types ---
-    def _head_request(self, keys: list[bytes], bulks: list[bytes]) -> tuple[bytes, int]:
-        """MGET of every key (a string's value; nil for any other type or a missing key), then
-        PEXPIRETIME of every key (Redis >= 7, Valkey), or groups of TIME, PTTL..., TIME (6.2);
-        as (payload, number of commands). Most keys of agent state are strings: they need no
-        TYPE and no second request."""
+    # ---- request 1: types and absolute expiries ----------------------------------------
+    def _types_request(self, keys: list[bytes], bulks: list[bytes]) -> tuple[bytes, int]:
+        """TYPE of every key, then PEXPIRETIME of every key (Redis >= 7, Valkey), or groups
+        of TIME, PTTL..., TIME (6.2); as (payload, number of commands)."""
         n = len(keys)
-        payload = b"*%d\r\n$4\r\nMGET\r\n%b" % (n + 1, b"".join(bulks))
+        payload = _TYPE + _TYPE.join(bulks)
         if self.info.has_pexpiretime:
-            return payload + _PEXPIRETIME + _PEXPIRETIME.join(bulks), 1 + n
+            return payload + _PEXPIRETIME + _PEXPIRETIME.join(bulks), 2 * n
         groups = [bulks[i:i + _TTL_GROUP] for i in range(0, n, _TTL_GROUP)]
-        return b"".join([payload, *map(_pttl_payload, groups)]), 1 + sum(len(g) + 2 for g in groups)
+        return b"".join([payload, *map(_pttl_payload, groups)]), n + sum(len(g) + 2 for g in groups)
 
-    def _head_reply(self, keys: list[bytes], bulks: list[bytes], res: list) -> tuple[list, list[int | None]]:
-        """(values, expiries) from the replies of `_head_request`."""
+    def _types_reply(self, keys: list[bytes], bulks: list[bytes], res: list) -> tuple[list[bytes], list[int | None]]:
         n = len(keys)
         raise_first_error(res)
         if self.info.has_pexpiretime:
-            return res[0], [x if x >= 0 else None for x in res[1:]]
+            return res[:n], [x if x >= 0 else None for x in res[n:]]
         expiries: list[int | None] = []
-        pos = 1
+        pos = n
         for i in range(0, n, _TTL_GROUP):
             group = bulks[i:i + _TTL_GROUP]
             reply = res[pos:pos + len(group) + 2]
             pos += len(group) + 2
             expiries.extend(self._exact_expiries(group, reply))
-        return res[0], expiries
-
-    @staticmethod
-    def _types_request(bulks: list[bytes]) -> tuple[bytes, int]:
-        return _TYPE + _TYPE.join(bulks), len(bulks)
-
-    @staticmethod
-    def _kinds(values: list, unknown: list[int], types: list) -> list[bytes]:
-        """Each key's type: string where MGET gave a value, else what TYPE says (b"none": gone;
-        b"string": a string that appeared after MGET, read again by `_emit`)."""
-        kinds = [_STRING] * len(values)
-        for i, kind in zip(unknown, raise_first_error(types)):
-            kinds[i] = kind
-        return kinds
+        return res[:n], expiries
 
     def _exact_expiries(self, group: list[bytes], reply: list) -> list[int | None]:
         """expiry = now + PTTL is exact only if `now` is the millisecond PTTL ran in: retry
@@ -222,9 +193,9 @@ class KeyReader:
             reply = raise_first_error(execute_packed(self.client, _pttl_payload(group), len(group) + 2))
         return [t0 + p if p >= 0 else None for p in reply[1:-1]]
 
-    # ---- request 3: collections --------------------------------------------------------
+    # ---- request 2: values -------------------------------------------------------------
     def _segments(self, keys: list[bytes], bulks: list[bytes], kinds: list[bytes],
-                  expiries: list[int | None], values: list) -> list[Segment]:
+                  expiries: list[int | None]) -> list[Segment]:
         """The value requests of a batch: runs of keys with at most _COLLECTIONS_PER_TRIP
         collections (bounds the memory of one request's replies)."""
         out = []
@@ -233,18 +204,18 @@ class KeyReader:
             if kind in _COLLECTIONS:
                 collections += 1
                 if collections > _COLLECTIONS_PER_TRIP:
-                    out.append(self._segment(keys[start:i], bulks[start:i], kinds[start:i], expiries[start:i],
-                                             values[start:i]))
+                    out.append(self._segment(keys[start:i], bulks[start:i], kinds[start:i], expiries[start:i]))
                     start, collections = i, 1
-        out.append(self._segment(keys[start:], bulks[start:], kinds[start:], expiries[start:], values[start:]))
+        out.append(self._segment(keys[start:], bulks[start:], kinds[start:], expiries[start:]))
         return out
 
     def _segment(self, keys: list[bytes], bulks: list[bytes], kinds: list[bytes],
-                 expiries: list[int | None], values: list) -> Segment:
-        """Each collection's commands (strings already have their values)."""
-        parts: list[bytes] = []
+                 expiries: list[int | None]) -> Segment:
+        """Every string by one MGET (first), then each collection's commands."""
+        strings = [b for b, t in zip(bulks, kinds) if t == _STRING]
+        parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(strings) + 1), *strings] if strings else []
         plan: list[tuple[str, int]] = []
-        count = 0
+        count = 1 if strings else 0
         for key, bulk, kind in zip(keys, bulks, kinds):
             if kind in _COLLECTIONS:
                 fetch = self._fetch.get(kind)
@@ -259,7 +230,7 @@ class KeyReader:
                     n = len(commands)
                 count += n
                 plan.append((kind.decode(), n))
-        return Segment(keys, kinds, expiries, values, b"".join(parts), count, plan)
+        return Segment(keys, kinds, expiries, b"".join(parts), count, plan)
 
     def _string_records(self, keys: list[bytes], values: list, expiries: list[int | None]) -> RecordBlock | None:
         """The records of a segment's strings, encoded together (the hot path: most keys of
@@ -278,8 +249,9 @@ class KeyReader:
 
     def _emit_block(self, segment: Segment, results: list) -> RecordBlock:
         """The records of one value request, as a block."""
-        if not segment.plan and all(k == _STRING for k in segment.kinds):
-            fast = self._string_records(segment.keys, segment.values, segment.expiries)
+        if not segment.plan and _STRING in segment.kinds and all(k == _STRING for k in segment.kinds):
+            values = raise_first_error(results[:1])[0]
+            fast = self._string_records(segment.keys, values, segment.expiries)
             if fast is not None:
                 return fast
         pairs = list(self._emit(segment, results, 0))
@@ -287,11 +259,12 @@ class KeyReader:
 
     def _emit(self, segment: Segment, results: list, attempt: int) -> Iterator[Record]:
         """The records of one value request, in key order."""
-        keys, kinds, expiries, all_values, _, _, plan = segment
+        keys, kinds, expiries, _, _, plan = segment
         fast = None
         pos = 0
         if _STRING in kinds:
-            values = [v for v, t in zip(all_values, kinds) if t == _STRING]
+            pos = 1
+            values = raise_first_error(results[:1])[0]
             block = self._string_records([k for k, t in zip(keys, kinds) if t == _STRING], values,
                                          [x for x, t in zip(expiries, kinds) if t == _STRING])
             fast = None if block is None else zip(*block)
