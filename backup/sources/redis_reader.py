@@ -38,7 +38,11 @@ from backup.sources.redis_records import (PART_SIZE, TYPES, encode_record, enc, 
 
 log = logging.getLogger("statevault.backup.redis")
 
-BATCH_SIZE = 2000            # keys per TYPE/expiry request
+# keys per TYPE/expiry request. Small enough that a request (~80 bytes a key) fits in the
+# socket buffers: a bigger one blocks the sender while the server parses it (it reads a
+# client ~16 KB per event-loop turn), which stalls the pipeline. Backup of 200k keys, medians
+# of an A/B in one process: 2000 keys 1.79 s, 700 1.62 s, 500 1.58-1.61 s, 200-350 1.55 s.
+BATCH_SIZE = 500
 _COLLECTIONS_PER_TRIP = 500  # collections per value request (each up to PART_SIZE elements)
 _TTL_GROUP = 100             # PTTLs bracketed by one pair of TIMEs on Redis 6.2
 _TTL_ATTEMPTS = 5

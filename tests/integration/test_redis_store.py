@@ -377,3 +377,50 @@ def test_undoing_a_partial_restore_from_its_pre_restore_snapshot_touches_only_th
     assert c.lrange("history:u4", 0, -1) == [f"u4 message {m}".encode() for m in range(5)]
     assert not c.exists("history:u4:extra")
     assert {k: v for k, v in typed_dump(redis_url).items() if not k.startswith(b"history:u4")} == others
+
+
+# ---- keys changing while they are read -----------------------------------------------------
+
+@pytest.mark.parametrize("server", ["redis_server", "redis6_server"])
+def test_keys_changing_between_type_and_value_requests_are_read_as_they_end_up(server, own_db):
+    """Per batch the reader asks TYPE + expiry of every key, then the values. Writes injected
+    between the two (through a second connection, at exactly that point) give each key's
+    final state, or no record when it is gone: never an error, a wrong type or a duplicate."""
+    from backup.sources.redis_client import connect, server_info
+    from backup.sources.redis_reader import KeyReader
+
+    url = own_db(server)
+    writer = redis.Redis.from_url(url)
+    writer.set("a:string-gone", "x")
+    writer.rpush("b:list-gone", "1", "2")
+    writer.rpush("c:list-to-string", "1")
+    writer.hset("d:hash-gone", "f", "v")
+    writer.set("e:string-to-list", "old")
+    writer.set("f:plain", "same", px=3_600_000)
+    keys = sorted(k.encode() for k in ("a:string-gone", "b:list-gone", "c:list-to-string", "d:hash-gone",
+                                      "e:string-to-list", "f:plain", "g:appears"))
+    injected = []
+
+    class Racing(KeyReader):
+        def _types_reply(self, *a):  # TYPE and expiries answered; values not asked for yet
+            out = super()._types_reply(*a)
+            if not injected:
+                injected.append(True)
+                writer.delete("a:string-gone", "b:list-gone", "c:list-to-string", "d:hash-gone", "e:string-to-list")
+                writer.set("c:list-to-string", "now a string")
+                writer.rpush("e:string-to-list", "now a list")
+                writer.set("g:appears", "too late")  # TYPE said none: not in this cut
+            return out
+
+    client = connect(url)
+    try:
+        records = [orjson.loads(r) for r, _ in Racing(client, server_info(client, url)).read(keys)]
+    finally:
+        client.close()
+    assert injected
+    assert [(r["k"], r["t"], r["v"]) for r in records] == [
+        ("c:list-to-string", "string", "now a string"),  # LRANGE answered WRONGTYPE: read again
+        ("e:string-to-list", "list", ["now a list"]),     # MGET answered nil: read again
+        ("f:plain", "string", "same"),
+    ]
+    assert records[-1]["x"] is not None and records[0]["x"] is None
