@@ -19,6 +19,14 @@ a payload of ~200 bytes of text plus a few fields), upserted in batches before t
 Both sides include opening the local-mode client, which loads the collection from disk.
 Goal (issue 3): <= 1.15x for the backup (the offline-index variant is reported beside it).
 Best of --repeat runs, alternating.
+
+With --rest, also over Qdrant's REST API, the path a backup of a Qdrant *server* takes (no
+Qdrant server can be installed on the development machine): the collection's offline index,
+from a first backup, is served by `statevault offline serve` (uvicorn, a subprocess on
+127.0.0.1), which answers get_collection and scroll as Qdrant does, and both sides run against
+it with QdrantClient(url=...): the bare scroll, and the backup (offline index off). The
+server's own cost is the same for both; it is not Qdrant's (Rust), so the ratio is an
+estimate of the server-mode ratio, not a measurement of it.
 """
 from __future__ import annotations
 
@@ -60,10 +68,12 @@ def fill(path: Path, points: int, dim: int, seed: int) -> None:
         client.close()
 
 
-def bare_scroll(path: Path, page_size: int) -> int:
+def bare_scroll(path: Path | str, page_size: int) -> int:
+    """Every point with vectors and payloads; `path` is a local-mode directory or a server URL."""
     from qdrant_client import QdrantClient
 
-    client = QdrantClient(path=str(path))
+    client = (QdrantClient(url=path, check_compatibility=False) if isinstance(path, str)
+              else QdrantClient(path=str(path)))
     try:
         seen, offset = 0, None
         while True:
@@ -76,11 +86,46 @@ def bare_scroll(path: Path, page_size: int) -> int:
         client.close()
 
 
+def rest_comparison(work: Path, store: Path, repeat: int, info: dict):
+    """The backup against the bare scroll over REST (see the module docstring)."""
+    from bench_offline_serve import start_server, stop_server
+
+    from backup.job import snapshot_source
+    from backup.sources.qdrant import PAGE_SIZE
+    from snapshots.offline.pull import pull_offline_index
+    from snapshots.repository import open_repository
+    from snapshots.settings import QdrantSource
+
+    repo = open_repository(f"file://{work / 'repo-index'}", create=True)
+    manifest, _ = snapshot_source(repo, "knowledge", QdrantSource(kind="qdrant", path=str(store),
+                                                                  collections=[COLLECTION], offline_index=True))
+    pull_offline_index(repo, manifest, work / "offline")
+    proc, port = start_server(work / "offline", work / "serve.log")
+    url = f"http://127.0.0.1:{port}"
+    rest = Comparison("backup over REST", "bare scroll over REST", 1.15)
+    try:
+        cfg = QdrantSource(kind="qdrant", url=url, collections=[COLLECTION], offline_index=False)
+        for run in range(repeat):
+            t, seen = timed(lambda: bare_scroll(url, PAGE_SIZE))
+            assert seen == manifest.records, seen
+            rest.theirs.append(t)
+            target = open_repository(f"file://{work / f'repo-rest-{run}'}", create=True)
+            t, (over_rest, _) = timed(lambda: snapshot_source(target, "knowledge", cfg))
+            rest.ours.append(t)
+            # the same records as the local-mode backup: the REST path encodes the same bytes
+            assert over_rest.items[0].digest == manifest.items[0].digest
+            shutil.rmtree(work / f"repo-rest-{run}")
+        info["REST server"] = f"statevault offline serve on {url} (stands in for a Qdrant server)"
+    finally:
+        stop_server(proc)
+    return rest
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     store_bench_args(ap, "--points", 20_000)
     ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--rest", action="store_true", help="also compare over the REST API (offline serve)")
     args = ap.parse_args(argv)
 
     from backup.job import snapshot_source
@@ -115,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                 info[f"repository size ({'with' if offline_index else 'without'} offline index)"] = (
                     f"{dir_size(repo_dir) / 2**20:.1f} MiB ({stats['chunks']} chunks)")
                 shutil.rmtree(repo_dir)
-        report("qdrant", params, [plain, offline], info, args.json)
+        comparisons = [plain, offline]
+        if args.rest:
+            comparisons.append(rest_comparison(work, store, args.repeat, info))
+        report("qdrant", params, comparisons, info, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -9,8 +9,9 @@ means exactly that key.
 
 Key names are collected with SCAN (COUNT 5000, names only), de-duplicated (SCAN may return a
 key twice) and sorted. Up to RUN_LIMIT names are sorted in memory (~100 bytes each for
-typical keys, so ~10 MB); past that, sorted runs spill to temp files and are merged, so
-memory stays bounded whatever the keyspace size.
+typical keys, so ~10 MB); past that, sorted runs spill to temp files and are merged a block
+of each run at a time (about RUN_LIMIT names over all of them), so memory stays bounded
+whatever the keyspace size.
 """
 from __future__ import annotations
 
@@ -189,7 +190,8 @@ class Scope:
 
 # ---- sorting key names with bounded memory -----------------------------------------------
 
-_MERGE_BLOCK = 20_000  # names read from each spilled run at a time while merging
+_MERGE_BLOCK = 20_000  # names read from each spilled run at a time while merging, at most
+_MIN_MERGE_BLOCK = 500  # ... and at least; in between, run_limit names over all the runs
 
 
 class _Run:
@@ -204,8 +206,8 @@ class _Run:
         self._count, self._done = len(names), 0
         self._lens_at, self._data_at = 0, lens.nbytes
 
-    def next_block(self) -> list[bytes]:
-        n = min(_MERGE_BLOCK, self._count - self._done)
+    def next_block(self, size: int) -> list[bytes]:
+        n = min(size, self._count - self._done)
         if n <= 0:
             return []
         self._f.seek(self._lens_at)
@@ -223,11 +225,14 @@ class _Run:
         self._f.close()
 
 
-def _merge_runs(runs: list[_Run]) -> Iterator[list[bytes]]:
+def _merge_runs(runs: list[_Run], run_limit: int) -> Iterator[list[bytes]]:
     """The names of sorted runs, merged and de-duplicated, a sorted list at a time: each round
     emits every buffered name up to the smallest of the blocks' last names (the other names
-    are not known to be next yet) with one C-level sort of already sorted pieces."""
-    blocks = [(r, b) for r in runs if (b := r.next_block())]
+    are not known to be next yet) with one C-level sort of already sorted pieces. Each run
+    buffers a block of about run_limit / runs names, so memory stays about one run's worth
+    however many runs there are."""
+    size = max(_MIN_MERGE_BLOCK, min(_MERGE_BLOCK, run_limit // max(1, len(runs))))
+    blocks = [(r, b) for r in runs if (b := r.next_block(size))]
     last: bytes | None = None
     while blocks:
         bound = min(b[-1] for _, b in blocks)
@@ -236,7 +241,7 @@ def _merge_runs(runs: list[_Run]) -> Iterator[list[bytes]]:
         for run, block in blocks:
             cut = bisect.bisect_right(block, bound)
             pieces += block[:cut]
-            block = block[cut:] or run.next_block()
+            block = block[cut:] or run.next_block(size)
             if block:
                 rest.append((run, block))
         blocks = rest
@@ -275,7 +280,7 @@ class NameSorter:
             if self._buf:
                 self._runs.append(_Run(sorted(self._buf)))
             self._buf = set()
-            for names in _merge_runs(self._runs):
+            for names in _merge_runs(self._runs, self.run_limit):
                 yield from names
         finally:
             self.close()

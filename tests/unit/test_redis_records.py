@@ -36,6 +36,19 @@ def test_sorted_unique_merges_binary_names_of_any_length_across_blocks(monkeypat
     assert list(sorted_unique(names, run_limit=run_limit)) == sorted(set(names))
 
 
+def test_merge_buffers_about_run_limit_names_whatever_the_number_of_runs(monkeypatch):
+    import backup.sources.redis_keys as redis_keys
+
+    sizes = []
+    real = redis_keys._Run.next_block
+    monkeypatch.setattr(redis_keys._Run, "next_block", lambda self, size: sizes.append(size) or real(self, size))
+    monkeypatch.setattr(redis_keys, "_MIN_MERGE_BLOCK", 1)
+    names = [b"k%07d" % i for i in range(50_000)]
+    pages = [names[i:i + 1000][::-1] for i in range(0, len(names), 1000)][::-1]
+    assert list(redis_keys.sorted_unique_pages(pages, run_limit=1000)) == names  # 50 runs of 1000
+    assert sizes and set(sizes) == {1000 // 50}
+
+
 def test_sorted_minus_yields_names_missing_from_the_right():
     assert list(sorted_minus([b"a", b"b", b"d", b"e"], [b"b", b"c", b"e"])) == [b"a", b"d"]
 
