@@ -252,6 +252,19 @@ def _b64(values: np.ndarray) -> str:
     return binascii.b2a_base64(values.astype("<f4", copy=False), newline=False).decode("ascii")
 
 
+def _b64_rows(mat: np.ndarray) -> list[bytes]:
+    """The base64 text of each row of a float32 matrix (as `_b64` gives it). When a row is a
+    whole number of 3-byte groups (size divisible by 3: 384, 768, 1536, ...), one encoding of
+    the whole matrix, cut every row."""
+    mat = np.ascontiguousarray(mat, dtype="<f4")
+    width = mat.shape[1] * 4
+    if width % 3:
+        return [binascii.b2a_base64(row, newline=False) for row in mat]
+    text = binascii.b2a_base64(mat, newline=False)
+    step = width // 3 * 4
+    return [text[i:i + step] for i in range(0, len(text), step)]
+
+
 class PointEncoder:
     """Turns scroll pages into records of `fmt` (FORMATS); dense vectors go through one float32
     matrix per page."""
@@ -291,16 +304,24 @@ class PointEncoder:
                 rows = [(p.vector or {}).get(name) for p in points]
             dense[name], present[name] = self._matrix(rows, size, name, dist == "Cosine")
         simple = lay.unnamed and not lay.sparse and not lay.multi
-        rows = {name: list(map(_b64, mat)) if self._packed else mat for name, mat in dense.items()}
+        packed = self._packed
+        rows = {name: _b64_rows(mat) if packed else mat for name, mat in dense.items()}
         lines, point_lines = [], []
         for i, p in enumerate(points):
+            head = b'{"id":' + orjson.dumps(p.id) + b',"payload":' + orjson.dumps(p.payload or {}, option=_NUMPY)
+            if simple and packed:  # the common case, without a dumps of the vector
+                tail = b',"vector":"' + rows[""][i] + b'"}\n' if present[""][i] else b',"vector":{}}\n'
+                lines.append(head + tail)
+                if with_points:
+                    point_lines.append(head + b"}\n")
+                continue
             if simple:
                 vec: Any = rows[""][i] if present[""][i] else {}
             else:
-                vec = {name: rows[name][i] for name in rows if present[name][i]}
+                vec = {name: rows[name][i].decode("ascii") if packed else rows[name][i]
+                       for name in rows if present[name][i]}
                 if isinstance(p.vector, dict):
                     self._add_other(vec, p.vector)
-            head = b'{"id":' + orjson.dumps(p.id) + b',"payload":' + orjson.dumps(p.payload or {}, option=_NUMPY)
             lines.append(head + b',"vector":' + orjson.dumps(vec, option=_NUMPY) + b"}\n")
             if with_points:
                 point_lines.append(head + b"}\n")
