@@ -49,6 +49,14 @@ class Comparison:
         return self.ours_s / self.reference_s
 
     @property
+    def median_ratio(self) -> float:
+        """The median of the runs' own ratios (ours[i] / theirs[i]): steadier than the ratio of
+        the two bests when one side has a lucky run."""
+        import statistics
+
+        return statistics.median(a / b for a, b in zip(self.ours, self.theirs))
+
+    @property
     def met(self) -> bool:
         return self.ratio <= self.goal
 
@@ -59,7 +67,8 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(ours_s=self.ours_s, reference_s=self.reference_s, ratio=round(self.ratio, 4), met=self.met)
+        d.update(ours_s=self.ours_s, reference_s=self.reference_s, ratio=round(self.ratio, 4), met=self.met,
+                 median_ratio=round(self.median_ratio, 4))
         return d
 
 
@@ -97,7 +106,8 @@ def report(title: str, params: dict[str, Any], comparisons: list[Comparison], in
         note(f"{key}: {value}")
     for c in comparisons:
         runs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(c.ours, c.theirs))
-        note(f"{c.name}: ours/reference per run ({c.unit}): {runs}")
+        note(f"{c.name}: ours/reference per run ({c.unit}): {runs}; median of the runs' ratios "
+             f"{c.median_ratio:.2f}x")
     for c in comparisons:
         print(c.line())
     note(f"after: {load()}")
