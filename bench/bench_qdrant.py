@@ -13,7 +13,7 @@ a payload of ~200 bytes of text plus a few fields), upserted in batches before t
 - reference: a bare scroll: open QdrantClient(path=...), scroll every point with vectors and
   payloads in pages of the source's page size (backup.sources.qdrant.PAGE_SIZE), close.
 - ours: backup.job.snapshot_source into a fresh file:// repository in a temp dir, with
-  offline_index off (the points as JSON lines: float32 shortest-decimal encoding, local-mode
+  offline_index off (the points as JSON lines with base64 float32 vectors, local-mode
   canonical vectors, chunking, digest, zstd) and on (plus the normalised float32 matrix and the
   points file of the offline index, from the same pages). In this process.
 Both sides include opening the local-mode client, which loads the collection from disk.

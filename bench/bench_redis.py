@@ -13,7 +13,7 @@ hashes of 8-16 fields.
 
 - ours: backup.job.snapshot_source (pattern "*") into a fresh file:// repository in a temp dir:
   SCAN, sort, pipelined reads with absolute expiries, JSON-lines records, chunking, digest,
-  zstd level 3, manifest. In this process.
+  zstd (level 2, the Redis default), manifest. In this process.
 - reference: `redis-cli --rdb FILE` (the server forks and streams an RDB snapshot, which
   redis-cli writes to FILE), a subprocess. The server's repl-diskless-sync-delay is set to 0
   first: by default Redis 7 waits 5 s for more replicas before it starts streaming, which
