@@ -43,3 +43,18 @@ def test_chunk_bench_prints_a_table_with_ratios():
     assert any(line.split()[:1] == ["local"] and "chunks" in line for line in lines), out
     assert any("file+fsync" in line for line in lines), out
     assert any(line.strip().startswith("ratio") for line in lines), out
+
+
+def test_run_all_runs_the_chosen_benches_and_summarises_their_ratios():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "AWS_", "STATEVAULT_"))}
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", "levels,redis"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=BENCH.parent,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "##### levels:" in out and "##### redis:" in out and "##### postgres:" not in out
+    summary = out.split("##### summary", 1)[1].strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith("redis") and "redis-cli --rdb" in summary[0], summary
+    bad = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nope"], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=BENCH.parent)
+    assert bad.returncode == 2 and "unknown bench nope" in bad.stderr
