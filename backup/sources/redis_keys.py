@@ -9,14 +9,15 @@ means exactly that key.
 
 Key names are collected with SCAN (COUNT 5000, names only), de-duplicated (SCAN may return a
 key twice) and sorted. Up to RUN_LIMIT names are sorted in memory (~100 bytes each for
-typical keys, so ~10 MB); past that, sorted runs spill to temp files and are merged a block
-of each run at a time (about RUN_LIMIT names over all of them), so memory stays bounded
-whatever the keyspace size.
+typical keys, so ~2 MB); past that, sorted runs spill to temp files and are merged a block of
+each run at a time, and every MAX_RUNS runs are merged into one as they accumulate, so memory
+and open files stay bounded whatever the keyspace size.
 """
 from __future__ import annotations
 
 import bisect
 import re
+import struct
 import tempfile
 from itertools import islice
 from typing import Iterable, Iterator
@@ -25,7 +26,7 @@ import numpy as np
 
 from backup.sources.redis_client import execute_many, raise_first_error
 
-RUN_LIMIT = 100_000  # names sorted in memory before a run spills: ~10 MB, so RSS does not grow with the keyspace
+RUN_LIMIT = 20_000  # names sorted in memory before a run spills: ~2 MB, so RSS does not grow with the keyspace
 SCAN_COUNT = 5000  # names per SCAN call: fewer round trips, each still ~1 ms of server time
 _GLOB_CHARS = frozenset(b"*?[\\")
 
@@ -190,49 +191,54 @@ class Scope:
 
 # ---- sorting key names with bounded memory -----------------------------------------------
 
-_MERGE_BLOCK = 20_000  # names read from each spilled run at a time while merging, at most
-_MIN_MERGE_BLOCK = 500  # ... and at least; in between, run_limit names over all the runs
+_RUN_BLOCK = 1024  # names per stored block of a spilled run: what a merge buffers of each run
+MAX_RUNS = 32      # spilled runs of one level merged into one run of the next (open files, buffers)
+_BLOCK_HEAD = struct.Struct("<IQ")  # names in the block, bytes of their data
 
 
 class _Run:
-    """A sorted run of names spilled to a temp file: the names' lengths (uint32) then their
-    bytes, read back a block of names at a time (no Python call per name)."""
+    """A sorted run of names spilled to a temp file, as blocks of at most _RUN_BLOCK names
+    (count and data size, the names' lengths as uint32, then their bytes): written and read
+    back a block at a time, with no Python call per name."""
 
-    def __init__(self, names: list[bytes]):
+    def __init__(self, names: Iterable[list[bytes]] = ()):
         self._f = tempfile.TemporaryFile(prefix="statevault-keys-")
-        lens = np.fromiter(map(len, names), dtype=np.uint32, count=len(names))
-        self._f.write(lens.tobytes())
-        self._f.write(b"".join(names))
-        self._count, self._done = len(names), 0
-        self._lens_at, self._data_at = 0, lens.nbytes
+        for part in names:
+            self.write(part)
 
-    def next_block(self, size: int) -> list[bytes]:
-        n = min(size, self._count - self._done)
-        if n <= 0:
+    def write(self, names: list[bytes]) -> None:
+        """Append sorted names (after every name written so far)."""
+        for i in range(0, len(names), _RUN_BLOCK):
+            part = names[i:i + _RUN_BLOCK]
+            data = b"".join(part)
+            lens = np.fromiter(map(len, part), dtype=np.uint32, count=len(part))
+            self._f.write(_BLOCK_HEAD.pack(len(part), len(data)) + lens.tobytes() + data)
+
+    def rewind(self) -> None:
+        self._f.seek(0)
+
+    def next_block(self) -> list[bytes]:
+        head = self._f.read(_BLOCK_HEAD.size)
+        if not head:
             return []
-        self._f.seek(self._lens_at)
-        lens = np.frombuffer(self._f.read(4 * n), dtype=np.uint32)
+        count, size = _BLOCK_HEAD.unpack(head)
+        lens = np.frombuffer(self._f.read(4 * count), dtype=np.uint32)
+        data = self._f.read(size)
         ends = np.cumsum(lens, dtype=np.int64)
-        self._f.seek(self._data_at)
-        data = self._f.read(int(ends[-1]))
-        self._done += n
-        self._lens_at += 4 * n
-        self._data_at += len(data)
-        starts = (ends - lens).tolist()
-        return [data[a:b] for a, b in zip(starts, ends.tolist())]
+        return [data[a:b] for a, b in zip((ends - lens).tolist(), ends.tolist())]
 
     def close(self) -> None:
         self._f.close()
 
 
-def _merge_runs(runs: list[_Run], run_limit: int) -> Iterator[list[bytes]]:
+def _merge_runs(runs: list[_Run]) -> Iterator[list[bytes]]:
     """The names of sorted runs, merged and de-duplicated, a sorted list at a time: each round
     emits every buffered name up to the smallest of the blocks' last names (the other names
-    are not known to be next yet) with one C-level sort of already sorted pieces. Each run
-    buffers a block of about run_limit / runs names, so memory stays about one run's worth
-    however many runs there are."""
-    size = max(_MIN_MERGE_BLOCK, min(_MERGE_BLOCK, run_limit // max(1, len(runs))))
-    blocks = [(r, b) for r in runs if (b := r.next_block(size))]
+    are not known to be next yet) with one C-level sort of already sorted pieces. One block of
+    each run is buffered: at most MAX_RUNS x _RUN_BLOCK names."""
+    for run in runs:
+        run.rewind()
+    blocks = [(r, b) for r in runs if (b := r.next_block())]
     last: bytes | None = None
     while blocks:
         bound = min(b[-1] for _, b in blocks)
@@ -241,7 +247,7 @@ def _merge_runs(runs: list[_Run], run_limit: int) -> Iterator[list[bytes]]:
         for run, block in blocks:
             cut = bisect.bisect_right(block, bound)
             pieces += block[:cut]
-            block = block[cut:] or run.next_block(size)
+            block = block[cut:] or run.next_block()
             if block:
                 rest.append((run, block))
         blocks = rest
@@ -256,12 +262,15 @@ def _merge_runs(runs: list[_Run], run_limit: int) -> Iterator[list[bytes]]:
 
 class NameSorter:
     """Collects names (in any order, with repeats) and yields them sorted and de-duplicated,
-    holding at most `run_limit` names in memory: full runs are sorted and spilled to temp files."""
+    holding at most `run_limit` names in memory: full runs are sorted and spilled to temp files,
+    and MAX_RUNS runs of one level are merged into one run of the next (each name is rewritten
+    once per level: log32 of the number of runs), so the open files and the final merge's
+    buffers grow only with that logarithm."""
 
     def __init__(self, run_limit: int = RUN_LIMIT):
         self.run_limit = run_limit
         self._buf: set[bytes] = set()
-        self._runs: list[_Run] = []
+        self._runs: list[tuple[int, _Run]] = []  # (level, run)
 
     def add(self, name: bytes) -> None:
         self.add_many((name,))
@@ -269,8 +278,20 @@ class NameSorter:
     def add_many(self, names: Iterable[bytes]) -> None:
         self._buf.update(names)
         if len(self._buf) >= self.run_limit:
-            self._runs.append(_Run(sorted(self._buf)))
-            self._buf = set()
+            self._spill()
+
+    def _spill(self) -> None:
+        self._runs.append((0, _Run([sorted(self._buf)])))
+        self._buf = set()
+        level = 0
+        while len(same := [r for lv, r in self._runs if lv == level]) >= MAX_RUNS:
+            self._runs = [(lv, r) for lv, r in self._runs if lv != level]
+            try:
+                self._runs.append((level + 1, _Run(_merge_runs(same))))
+            finally:
+                for run in same:
+                    run.close()
+            level += 1
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -278,15 +299,14 @@ class NameSorter:
                 yield from sorted(self._buf)
                 return
             if self._buf:
-                self._runs.append(_Run(sorted(self._buf)))
-            self._buf = set()
-            for names in _merge_runs(self._runs, self.run_limit):
+                self._spill()
+            for names in _merge_runs([run for _, run in self._runs]):
                 yield from names
         finally:
             self.close()
 
     def close(self) -> None:
-        for run in self._runs:
+        for _, run in self._runs:
             run.close()
         self._runs = []
         self._buf = set()

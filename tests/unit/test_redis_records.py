@@ -23,30 +23,52 @@ def test_sorted_unique_spills_runs_and_merges_without_duplicates():
     assert list(sorted_unique(names, run_limit=100)) == sorted(set(names))
 
 
-@pytest.mark.parametrize("run_limit, block", [(50, 7), (300, 1000), (10_000, 3)])
-def test_sorted_unique_merges_binary_names_of_any_length_across_blocks(monkeypatch, run_limit, block):
+@pytest.mark.parametrize("run_limit, block, max_runs", [(50, 7, 3), (300, 1000, 32), (10_000, 3, 2), (20, 5, 2)])
+def test_sorted_unique_merges_binary_names_of_any_length_across_blocks(monkeypatch, run_limit, block, max_runs):
     import random
 
     import backup.sources.redis_keys as redis_keys
 
-    monkeypatch.setattr(redis_keys, "_MERGE_BLOCK", block)
+    monkeypatch.setattr(redis_keys, "_RUN_BLOCK", block)
+    monkeypatch.setattr(redis_keys, "MAX_RUNS", max_runs)
     rng = random.Random(run_limit)
     pool = [b"", b"\x00", b"\xff" * 3, b"a", b"a\x00", b"ab"] + [rng.randbytes(rng.randrange(0, 12)) for _ in range(700)]
     names = [rng.choice(pool) for _ in range(3000)]  # repeats within and across runs
     assert list(sorted_unique(names, run_limit=run_limit)) == sorted(set(names))
 
 
-def test_merge_buffers_about_run_limit_names_whatever_the_number_of_runs(monkeypatch):
+def test_runs_are_merged_by_level_so_open_files_and_buffers_stay_bounded(monkeypatch):
     import backup.sources.redis_keys as redis_keys
 
-    sizes = []
-    real = redis_keys._Run.next_block
-    monkeypatch.setattr(redis_keys._Run, "next_block", lambda self, size: sizes.append(size) or real(self, size))
-    monkeypatch.setattr(redis_keys, "_MIN_MERGE_BLOCK", 1)
-    names = [b"k%07d" % i for i in range(50_000)]
-    pages = [names[i:i + 1000][::-1] for i in range(0, len(names), 1000)][::-1]
-    assert list(redis_keys.sorted_unique_pages(pages, run_limit=1000)) == names  # 50 runs of 1000
-    assert sizes and set(sizes) == {1000 // 50}
+    monkeypatch.setattr(redis_keys, "MAX_RUNS", 4)
+    monkeypatch.setattr(redis_keys, "_RUN_BLOCK", 50)
+    live, most_live, blocks = set(), [0], []
+    real_init, real_close, real_next = redis_keys._Run.__init__, redis_keys._Run.close, redis_keys._Run.next_block
+
+    def init(self, names=()):
+        live.add(id(self))  # before the names: a merged run is open while its inputs are read
+        most_live[0] = max(most_live[0], len(live))
+        real_init(self, names)
+
+    def close(self):
+        live.discard(id(self))
+        real_close(self)
+
+    def next_block(self):
+        block = real_next(self)
+        blocks.append(len(block))
+        return block
+
+    monkeypatch.setattr(redis_keys._Run, "__init__", init)
+    monkeypatch.setattr(redis_keys._Run, "close", close)
+    monkeypatch.setattr(redis_keys._Run, "next_block", next_block)
+    names = [b"k%07d" % i for i in range(20_000)]
+    pages = [names[i:i + 100][::-1] for i in range(0, len(names), 100)][::-1]
+    assert list(redis_keys.sorted_unique_pages(pages, run_limit=100)) == names  # 200 runs of 100
+    assert not live  # every temp file closed
+    # 200 runs, 4 per level: at most 3 waiting on each of 4 levels, plus the merged one being written
+    assert 4 <= most_live[0] <= 3 * 4 + 1, most_live
+    assert max(blocks) <= 50  # a merge buffers one stored block of each run
 
 
 def test_sorted_minus_yields_names_missing_from_the_right():
