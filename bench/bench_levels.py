@@ -27,48 +27,32 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import compare  # noqa: E402,F401 - puts the repository root on sys.path
+import compare  # noqa: E402 - also puts the repository root on sys.path
+from compare import history_message, kb_payload, memory_row, random_text, zipf_text  # noqa: E402
 
 PIECE = 1 << 20
 
 
-def corpus(rng, size: int) -> str:
-    import numpy as np
-
-    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz   ", dtype=np.uint8)
-    return bytes(letters[rng.integers(0, len(letters), size=size)]).decode()
-
-
 def postgres_records(rng, nbytes: int) -> list[bytes]:
-    import numpy as np
-
-    # bench_postgres's text: words of a 4000-word vocabulary drawn with a Zipf law
-    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
-    vocab = [bytes(letters[rng.integers(0, 26, size=int(n))]).decode() for n in rng.integers(2, 11, size=4000)]
-    text = " ".join(vocab[i] for i in rng.zipf(1.3, size=400_000) % len(vocab))
+    text = zipf_text(rng)
     out, size, i = [], 0, 0
     while size < nbytes:
         o, n, u = int(rng.integers(0, len(text) - 300)), int(rng.integers(150, 250)), int(rng.integers(0, 5000))
-        line = (f'{i + 1}\t{text[o:o + n]}\t{{"kind": "{("fact", "preference", "episode")[u % 3]}", '
-                f'"turn": {i % 50}, "user": "u{u}", "score": {rng.random():.4f}}}\t'
-                f"2026-01-{1 + i // 57600 % 28:02d} {i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}.{i % 1000:03d}+00\n")
-        out.append(line.encode())
+        stamp = f"2026-01-{1 + i // 57600 % 28:02d} {i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}.{i % 1000:03d}"
+        out.append(memory_row(i + 1, text[o:o + n], u, rng.random(), i % 50, stamp).encode())
         size += len(out[-1])
         i += 1
     return out
 
 
 def redis_records(rng, nbytes: int) -> list[bytes]:
-    import orjson
-
     from backup.sources.redis_records import encode_record
 
-    text = corpus(rng, 2_000_000)
+    text = random_text(rng, 2_000_000)
     out, size, i = [], 0, 0
     while size < nbytes:
         o = int(rng.integers(0, len(text) - 1200))
-        value = orjson.dumps({"user": f"u{i}", "role": ("user", "assistant")[i % 2], "turn": i % 40,
-                              "content": text[o:o + int(rng.integers(700, 1100))], "ts": 1764000000 + i})
+        value = history_message(i, text[o:o + int(rng.integers(700, 1100))])
         record, _ = encode_record(f"history:u{i}".encode(), "string", value.decode(),
                                   1795000000000 + int(rng.integers(3600_000, 48 * 3600_000)))
         out.append(record)
@@ -83,7 +67,7 @@ def qdrant_records(rng, nbytes: int) -> list[bytes]:
     from backup.sources.qdrant import PointEncoder
     from backup.sources.qdrant_config import VectorLayout
 
-    text = corpus(rng, 1_000_000)
+    text = random_text(rng, 1_000_000, b"abcdefghijklmnopqrstuvwxyz    ")
     encoder = PointEncoder(VectorLayout(unnamed=True, dense={"": (384, "Cosine")}, multi={}, sparse=()), local=False)
     out, size, i = [], 0, 0
     while size < nbytes:
@@ -92,9 +76,7 @@ def qdrant_records(rng, nbytes: int) -> list[bytes]:
         points = []
         for row in vectors.tolist():
             o = int(rng.integers(0, len(text) - 300))
-            points.append(SimpleNamespace(id=i, vector=row, payload={
-                "text": text[o:o + 200], "source": f"doc-{i // 20}", "chunk": i % 20, "lang": "en",
-                "tags": ["kb", ("faq", "manual", "policy")[i % 3]]}))
+            points.append(SimpleNamespace(id=i, vector=row, payload=kb_payload(i, text[o:o + 200])))
             i += 1
         lines = encoder.encode(points).lines
         out += lines

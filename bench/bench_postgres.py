@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Comparison, dir_size, header, note, report, store_bench_args, timed  # noqa: E402
+from compare import (Comparison, dir_size, header, memory_row, note, report, store_bench_args, timed,  # noqa: E402
+                     zipf_text)
 
 TABLE = "public.memories"
 
@@ -42,9 +43,7 @@ def load_table(url: str, rows: int, seed: int) -> None:
     import psycopg
 
     rng = np.random.default_rng(seed)
-    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
-    vocab = [bytes(letters[rng.integers(0, 26, size=int(n))]).decode() for n in rng.integers(2, 11, size=4000)]
-    corpus = " ".join(vocab[i] for i in rng.zipf(1.3, size=400_000) % len(vocab))  # ~2.5 MB of text
+    corpus = zipf_text(rng)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE memories (id bigserial PRIMARY KEY, body text NOT NULL, "
                      "meta jsonb NOT NULL, created_at timestamptz NOT NULL)")
@@ -60,9 +59,7 @@ def load_table(url: str, rows: int, seed: int) -> None:
                                                + (np.arange(lo, lo + n) * 1500 + rng.integers(0, 999, size=n)),
                                                unit="ms")
                 copy.write("".join(
-                    f'{lo + i + 1}\t{corpus[o:o + ln]}\t{{"user": "u{u}", "score": {s:.4f}, '
-                    f'"kind": "{("fact", "preference", "episode")[u % 3]}", "turn": {(lo + i) % 50}}}'
-                    f"\t{t}Z\n"
+                    memory_row(lo + i + 1, corpus[o:o + ln], u, s, (lo + i) % 50, t)
                     for i, (o, ln, u, s, t) in enumerate(zip(offsets.tolist(), lengths.tolist(), users.tolist(),
                                                              scores.tolist(), stamps.tolist()))))
         conn.execute("SELECT setval('memories_id_seq', %s)", (rows,))

@@ -38,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Comparison, dir_size, header, note, report, store_bench_args, timed  # noqa: E402
+from compare import (Comparison, dir_size, header, kb_payload, note, random_text, report,  # noqa: E402
+                     store_bench_args, timed)
 
 COLLECTION = "kb"
 
@@ -48,8 +49,7 @@ def fill(path: Path, points: int, dim: int, seed: int) -> None:
     from qdrant_client import QdrantClient, models
 
     rng = np.random.default_rng(seed)
-    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz    ", dtype=np.uint8)
-    text = bytes(letters[rng.integers(0, len(letters), size=1_000_000)]).decode()
+    text = random_text(rng, 1_000_000, b"abcdefghijklmnopqrstuvwxyz    ")
     client = QdrantClient(path=str(path))
     try:
         client.create_collection(COLLECTION, vectors_config=models.VectorParams(size=dim,
@@ -61,9 +61,7 @@ def fill(path: Path, points: int, dim: int, seed: int) -> None:
             offsets = rng.integers(0, len(text) - 300, size=n).tolist()
             client.upsert(COLLECTION, points=models.Batch(
                 ids=list(range(lo, lo + n)), vectors=vectors.tolist(),
-                payloads=[{"text": text[o:o + 200], "source": f"doc-{(lo + i) // 20}", "chunk": (lo + i) % 20,
-                           "tags": ["kb", ("faq", "manual", "policy")[(lo + i) % 3]], "lang": "en"}
-                          for i, o in enumerate(offsets)]), wait=True)
+                payloads=[kb_payload(lo + i, text[o:o + 200]) for i, o in enumerate(offsets)]), wait=True)
     finally:
         client.close()
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Comparison, dir_size, header, note, report, store_bench_args, timed  # noqa: E402
+from compare import (Comparison, dir_size, header, history_message, note, random_text, report,  # noqa: E402
+                     store_bench_args, timed)
 
 REDIS_CLI = "/usr/bin/redis-cli"
 
@@ -44,8 +45,7 @@ def fill(url: str, keys: int, seed: int) -> dict[str, int]:
     import redis
 
     rng = np.random.default_rng(seed)
-    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz  ", dtype=np.uint8)
-    text = bytes(letters[rng.integers(0, len(letters), size=4_000_000)]).decode()
+    text = random_text(rng, 4_000_000)
     counts = {"string": 0, "list": 0, "hash": 0}
     client = redis.Redis.from_url(url)
     pipe = client.pipeline(transaction=False)
@@ -53,8 +53,7 @@ def fill(url: str, keys: int, seed: int) -> dict[str, int]:
     for i in range(keys):
         off = int(rng.integers(0, len(text) - 2000))
         if kinds[i] < 0.8:
-            msg = orjson.dumps({"user": f"u{i}", "role": ("user", "assistant")[i % 2], "turn": i % 40,
-                                "content": text[off:off + int(rng.integers(700, 1100))], "ts": 1764000000 + i})
+            msg = history_message(i, text[off:off + int(rng.integers(700, 1100))])
             pipe.set(f"history:u{i}", msg, px=int(rng.integers(3600_000, 48 * 3600_000)))
             counts["string"] += 1
         elif kinds[i] < 0.9:

@@ -128,6 +128,43 @@ def peak_rss_mib(field: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# ---- the benches' data: one definition, used by the store benches and bench_levels.py ------
+
+def random_text(rng, size: int, alphabet: bytes = b"abcdefghijklmnopqrstuvwxyz  ") -> str:
+    """`size` random characters of `alphabet` (its spaces make word breaks)."""
+    import numpy as np
+
+    letters = np.frombuffer(alphabet, dtype=np.uint8)
+    return bytes(letters[rng.integers(0, len(letters), size=size)]).decode()
+
+
+def zipf_text(rng) -> str:
+    """~2.5 MB of words of a 4000-word vocabulary drawn with a Zipf law (memory-like text)."""
+    letters = b"abcdefghijklmnopqrstuvwxyz"
+    vocab = [random_text(rng, int(n), letters) for n in rng.integers(2, 11, size=4000)]
+    return " ".join(vocab[i] for i in rng.zipf(1.3, size=400_000) % len(vocab))
+
+
+def memory_row(row_id: int, body: str, user: int, score: float, turn: int, stamp: str) -> str:
+    """One COPY text line of bench_postgres's `memories` table."""
+    return (f'{row_id}\t{body}\t{{"user": "u{user}", "score": {score:.4f}, '
+            f'"kind": "{("fact", "preference", "episode")[user % 3]}", "turn": {turn}}}\t{stamp}Z\n')
+
+
+def history_message(i: int, content: str) -> bytes:
+    """One conversation turn as bench_redis stores it (~1 KB of JSON)."""
+    import orjson
+
+    return orjson.dumps({"user": f"u{i}", "role": ("user", "assistant")[i % 2], "turn": i % 40,
+                         "content": content, "ts": 1764000000 + i})
+
+
+def kb_payload(i: int, text: str) -> dict:
+    """A knowledge-base point's payload as bench_qdrant stores it (~250 bytes)."""
+    return {"text": text, "source": f"doc-{i // 20}", "chunk": i % 20,
+            "tags": ["kb", ("faq", "manual", "policy")[i % 3]], "lang": "en"}
+
+
 def dir_size(path) -> int:
     """Bytes of every file below `path` (a repository's size on disk)."""
     from pathlib import Path
