@@ -309,20 +309,18 @@ class PointEncoder:
         lines, point_lines = [], []
         for i, p in enumerate(points):
             head = b'{"id":' + orjson.dumps(p.id) + b',"payload":' + orjson.dumps(p.payload or {}, option=_NUMPY)
-            if simple and packed:  # the common case, without a dumps of the vector
-                tail = b',"vector":"' + rows[""][i] + b'"}\n' if present[""][i] else b',"vector":{}}\n'
-                lines.append(head + tail)
-                if with_points:
-                    point_lines.append(head + b"}\n")
-                continue
-            if simple:
-                vec: Any = rows[""][i] if present[""][i] else {}
+            if simple and packed:  # the common case: the base64 text goes in as it is
+                vector = b'"' + rows[""][i] + b'"' if present[""][i] else b"{}"
             else:
-                vec = {name: rows[name][i].decode("ascii") if packed else rows[name][i]
-                       for name in rows if present[name][i]}
-                if isinstance(p.vector, dict):
-                    self._add_other(vec, p.vector)
-            lines.append(head + b',"vector":' + orjson.dumps(vec, option=_NUMPY) + b"}\n")
+                if simple:
+                    vec: Any = rows[""][i] if present[""][i] else {}
+                else:
+                    vec = {name: rows[name][i].decode("ascii") if packed else rows[name][i]
+                           for name in rows if present[name][i]}
+                    if isinstance(p.vector, dict):
+                        self._add_other(vec, p.vector)
+                vector = orjson.dumps(vec, option=_NUMPY)
+            lines.append(head + b',"vector":' + vector + b"}\n")
             if with_points:
                 point_lines.append(head + b"}\n")
         return EncodedPage(lines, point_lines, dense)
