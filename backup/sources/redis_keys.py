@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from backup.sources.redis_client import execute_many, raise_first_error
+from backup.sources.redis_client import ReplyPipe, _pack, execute_many, raise_first_error
 
 RUN_LIMIT = 20_000  # names sorted in memory before a run spills: ~2 MB, so RSS does not grow with the keyspace
 SCAN_COUNT = 5000  # names per SCAN call: fewer round trips, each still ~1 ms of server time
@@ -105,13 +105,23 @@ class KeyMatcher:
 
 def scan_pages(client, match: bytes) -> Iterator[list[bytes]]:
     """SCAN MATCH over the whole keyspace, a reply's names at a time (raw replies: redis-py's
-    scan_iter needs callbacks)."""
-    cursor = b"0"
-    while True:
-        cursor, keys = client.execute_command("SCAN", cursor, "MATCH", match, "COUNT", SCAN_COUNT)
-        yield keys
-        if cursor == b"0":
-            return
+    scan_iter needs callbacks).
+
+    The next SCAN goes out before a page is handed over, so the server walks the next slice
+    of its keyspace while the caller sorts and spills this one: the listing phase costs the
+    larger of the two, not their sum (~0.1 s less per 200k keys)."""
+    def request(cursor: bytes) -> bytes:
+        return _pack([("SCAN", cursor, "MATCH", match, "COUNT", SCAN_COUNT)])
+
+    with ReplyPipe(client) as pipe:
+        ticket = pipe.send(request(b"0"), 1)
+        while True:
+            cursor, keys = raise_first_error(pipe.recv(ticket))[0]
+            if cursor != b"0":
+                ticket = pipe.send(request(cursor), 1)
+            yield keys
+            if cursor == b"0":
+                return
 
 
 def scan(client, match: bytes) -> Iterator[bytes]:

@@ -62,6 +62,30 @@ def test_glob_matcher_agrees_with_redis_scan_match(redis_url):
         assert ours == server, p
 
 
+def test_scan_pages_lists_every_key_once_over_many_pipelined_pages(redis_url, monkeypatch):
+    """The next SCAN is sent before a page is handed over: every page still comes, in cursor
+    order, until cursor 0; an abandoned listing costs its connection, not the client's next
+    command (replies left in flight are never read as another command's)."""
+    from backup.sources import redis_keys
+    from backup.sources.redis_client import connect
+
+    monkeypatch.setattr(redis_keys, "SCAN_COUNT", 37)
+    c = redis.Redis.from_url(redis_url)
+    keys = {b"k:%d" % i for i in range(2000)} | {b"other:%d" % i for i in range(50)}
+    c.mset({k: b"v" for k in keys})
+    client = connect(redis_url)
+    pages = list(redis_keys.scan_pages(client, b"k:*"))
+    assert len(pages) > 2000 // 37  # many round trips, each page at most ~COUNT names
+    listed = [k for page in pages for k in page]
+    assert set(listed) == {k for k in keys if k.startswith(b"k:")}
+    assert list(redis_keys.sorted_unique_pages(redis_keys.scan_pages(client, b"*"))) == sorted(keys)
+    gen = redis_keys.scan_pages(client, b"*")
+    next(gen)   # a SCAN is in flight now
+    gen.close()
+    assert client.execute_command("GET", b"k:1") == b"v"
+    assert client.execute_command("DBSIZE") == len(keys)
+
+
 # ---- backup + restore --------------------------------------------------------------------
 
 def test_round_trip_every_type_on_redis7(redis_url, fresh_redis_url, repo, small_parts):

@@ -60,3 +60,30 @@ def test_page_base64_rows_equal_one_encoding_per_row(dim):
     rows = _b64_rows(mat)
     assert [r.decode() for r in rows] == [_b64(row) for row in mat]
     assert np.array_equal(np.stack([np.frombuffer(base64.b64decode(r), "<f4") for r in rows]), mat)
+
+
+@pytest.mark.parametrize("dim", [1, 3, 384])
+def test_float32_matrix_is_np_array_float32_bit_for_bit(dim):
+    """struct's row packing rounds a double to float32 exactly as numpy's cast does: float32
+    values (what Qdrant holds), arbitrary doubles that must round, subnormals, -0.0, ints."""
+    from backup.sources.qdrant import float32_matrix
+
+    rng = np.random.default_rng(dim)
+    as_f32 = rng.standard_normal((20, dim)).astype(np.float32).tolist()
+    doubles = (rng.standard_normal((20, dim)) * 10.0 ** rng.integers(-40, 38, size=(20, 1))).tolist()
+    specials = [[[-0.0, 1e-45, 3.4028234663852886e38, 7, -2 ** 24 - 1][i % 5] for i in range(dim)]]
+    for rows in (as_f32, doubles, specials):
+        got = float32_matrix(rows, dim)
+        assert got.flags.writeable and got.dtype == np.float32 and got.shape == (len(rows), dim)
+        assert got.tobytes() == np.array(rows, dtype=np.float32).tobytes()
+
+
+def test_float32_matrix_refuses_rows_of_another_size_and_overflows_like_numpy():
+    from backup.sources.qdrant import float32_matrix
+
+    with pytest.raises(ValueError):
+        float32_matrix([[1.0, 2.0, 3.0], [1.0, 2.0]], 3)
+    with pytest.raises(ValueError):
+        float32_matrix([[1.0, 2.0], [1.0, 2.0]], 3)
+    with np.errstate(over="ignore"):
+        assert float32_matrix([[1e39, -1e39, 1.0]], 3).tolist() == [[np.inf, -np.inf, 1.0]]
