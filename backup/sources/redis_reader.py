@@ -187,15 +187,25 @@ class KeyReader:
 
     def _exact_expiries(self, group: list[bytes], reply: list) -> list[int | None]:
         """expiry = now + PTTL is exact only if `now` is the millisecond PTTL ran in: retry
-        until the TIMEs before and after the group agree (else keep the last estimate)."""
+        until the TIMEs before and after the group agree (else keep the last estimate). From
+        the second retry on, the group is asked in halves: a smaller group spans a millisecond
+        boundary less often, which matters on a busy host (a 100-key group failing five times
+        in a row made unchanged keys look changed)."""
         for attempt in range(_TTL_ATTEMPTS):
             before, after = reply[0], reply[-1]
             t0 = int(before[0]) * 1000 + int(before[1]) // 1000
             t1 = int(after[0]) * 1000 + int(after[1]) // 1000
             if t0 == t1 or attempt == _TTL_ATTEMPTS - 1:
                 break
-            reply = raise_first_error(execute_packed(self.client, _pttl_payload(group), len(group) + 2))
+            if attempt >= 1 and len(group) > 1:
+                half = len(group) // 2
+                return [x for part in (group[:half], group[half:])
+                        for x in self._exact_expiries(part, self._pttl_group(part))]
+            reply = self._pttl_group(group)
         return [t0 + p if p >= 0 else None for p in reply[1:-1]]
+
+    def _pttl_group(self, group: list[bytes]) -> list:
+        return raise_first_error(execute_packed(self.client, _pttl_payload(group), len(group) + 2))
 
     # ---- request 2: values -------------------------------------------------------------
     def _segments(self, keys: list[bytes], bulks: list[bytes], kinds: list[bytes],
@@ -247,9 +257,11 @@ class KeyReader:
             vs = _json_strings([v.decode() for v in values])
         except UnicodeDecodeError:
             return None
-        bodies = [b'{"k":"%b","t":"string","v":"%b"' % kv for kv in zip(ks, vs)]
-        return RecordBlock([b + (_NULL_TAIL if x is None else b',"x":%d}\n' % x) for b, x in zip(bodies, expiries)],
-                           [b + b"}\n" for b in bodies])
+        # each line built by one formatting (not a body plus tails: 2 copies of ~1 KB less a key)
+        return RecordBlock([b'{"k":"%b","t":"string","v":"%b","x":null}\n' % (k, v) if x is None else
+                            b'{"k":"%b","t":"string","v":"%b","x":%d}\n' % (k, v, x)
+                            for k, v, x in zip(ks, vs, expiries)],
+                           [b'{"k":"%b","t":"string","v":"%b"}\n' % kv for kv in zip(ks, vs)])
 
     def _emit_block(self, segment: Segment, results: list) -> RecordBlock:
         """The records of one value request, as a block."""

@@ -342,6 +342,40 @@ def test_redis6_expiries_are_exact_so_unchanged_keys_dedup(own_db, repo):
     assert stats.bytes_uploaded == 0
 
 
+def test_redis6_expiries_stay_exact_when_big_ttl_groups_keep_spanning_a_millisecond(own_db):
+    """On a busy host a group of 100 PTTLs can cross a millisecond boundary on every retry:
+    the group is then asked in halves until the TIMEs around a part agree. Simulated here by
+    moving the first TIME of any group of more than 5 keys back a second, on every ask."""
+    from backup.sources.redis_client import connect, server_info
+    from backup.sources.redis_reader import KeyReader
+
+    url = own_db("redis6_server")
+    c = redis.Redis.from_url(url)
+    at = int(time.time() * 1000) + 86_400_000
+    keys = [b"k:%03d" % i for i in range(40)]
+    for i, k in enumerate(keys):
+        c.set(k, "v", pxat=at + i)
+
+    def busy(group, reply):
+        if len(group) > 5:
+            reply = list(reply)
+            reply[0] = [b"%d" % (int(reply[0][0]) - 1), reply[0][1]]
+        return reply
+
+    class BusyHost(KeyReader):
+        def _exact_expiries(self, group, reply):
+            return super()._exact_expiries(group, busy(group, reply))
+
+        def _pttl_group(self, group):
+            return busy(group, super()._pttl_group(group))
+
+    client = connect(url)
+    info = server_info(client, url)
+    assert not info.has_pexpiretime
+    records = list(BusyHost(client, info).read(keys))
+    assert [orjson.loads(r)["x"] for r, _ in records] == [at + i for i in range(40)]
+
+
 def test_full_replace_makes_the_keyspace_equal_to_the_snapshot(redis_url, repo, small_parts):
     fill(redis_url)
     before = typed_dump(redis_url)
