@@ -15,9 +15,14 @@ a payload of ~200 bytes of text plus a few fields), upserted in batches before t
 - ours: backup.job.snapshot_source into a fresh file:// repository in a temp dir, with
   offline_index off (the points as JSON lines with base64 float32 vectors, local-mode
   canonical vectors, chunking, digest, zstd) and on (plus the normalised float32 matrix and the
-  points file of the offline index, from the same pages). In this process.
+  points file of the offline index, from the same pages). In this process. It reads local
+  mode from the collection itself (backup/sources/qdrant_local.py: one sort of the ids where
+  local mode's scroll sorts them all for every page).
+- ours through scroll: the backup (offline index off) with that direct read switched off
+  (backup.sources.qdrant.LOCAL_DIRECT_READ), so it scrolls exactly as the reference does, the
+  way a Qdrant server is read: what the encoder and writer add to a scroll, on their own.
 Both sides include opening the local-mode client, which loads the collection from disk.
-Goal (issue 3): <= 1.15x for the backup (the offline-index variant is reported beside it).
+Goal (issue 3): <= 1.15x for the backup (the other variants are reported beside it).
 Best of --repeat runs, alternating.
 
 With --rest, also over Qdrant's REST API, the path a backup of a Qdrant *server* takes (no
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rest", action="store_true", help="also compare over the REST API (offline serve)")
     args = ap.parse_args(argv)
 
+    import backup.sources.qdrant as qdrant_source
     from backup.job import snapshot_source
     from backup.sources.qdrant import PAGE_SIZE
     from snapshots.repository import open_repository
@@ -142,23 +148,32 @@ def main(argv: list[str] | None = None) -> int:
             note(f"upserted {args.points:,} points in {t_fill:.1f} s ({dir_size(store) / 2**20:.1f} MiB on disk)")
         plain = Comparison("backup", "bare scroll", 1.15)
         offline = Comparison("backup+offline index", "bare scroll", 1.15)
+        scrolled = Comparison("backup through scroll", "bare scroll", 1.15)
         info: dict = {}
+        digests = set()
         for run in range(args.repeat):
-            for side, offline_index in ((plain, False), (offline, True)):
+            for side, offline_index, direct in ((plain, False, True), (offline, True, True), (scrolled, False, False)):
                 t, seen = timed(lambda: bare_scroll(store, PAGE_SIZE))
                 assert seen == args.points, seen
                 side.theirs.append(t)
                 cfg = QdrantSource(kind="qdrant", path=str(store), collections=[COLLECTION],
                                    offline_index=offline_index)
-                repo_dir = work / f"repo-{run}-{offline_index}"
+                repo_dir = work / f"repo-{run}-{offline_index}-{direct}"
                 repo = open_repository(f"file://{repo_dir}", create=True)
-                t, (manifest, stats) = timed(lambda: snapshot_source(repo, "knowledge", cfg))
+                qdrant_source.LOCAL_DIRECT_READ = direct
+                try:
+                    t, (manifest, stats) = timed(lambda: snapshot_source(repo, "knowledge", cfg))
+                finally:
+                    qdrant_source.LOCAL_DIRECT_READ = True
                 side.ours.append(t)
                 assert manifest.records == args.points, manifest.records
-                info[f"repository size ({'with' if offline_index else 'without'} offline index)"] = (
-                    f"{dir_size(repo_dir) / 2**20:.1f} MiB ({stats['chunks']} chunks)")
+                digests.add(manifest.items[0].digest)  # both read paths: the same records
+                if direct:
+                    info[f"repository size ({'with' if offline_index else 'without'} offline index)"] = (
+                        f"{dir_size(repo_dir) / 2**20:.1f} MiB ({stats['chunks']} chunks)")
                 shutil.rmtree(repo_dir)
-        comparisons = [plain, offline]
+        assert len(digests) == 1, digests
+        comparisons = [plain, offline, scrolled]
         if args.rest:
             comparisons.append(rest_comparison(work, store, args.repeat, info))
         report("qdrant", params, comparisons, info, args.json)

@@ -64,6 +64,7 @@ import orjson
 
 from backup.sources.base import ItemSpec
 from backup.sources.qdrant_config import VectorLayout, collection_schema, vector_layout
+from backup.sources.qdrant_local import iter_local_pages, local_collection
 from snapshots.errors import NotFoundError, SourceError, StatevaultError
 from snapshots.manifest import utcnow
 from snapshots.settings import redact_url
@@ -76,6 +77,9 @@ PAGE_SIZE = 512
 STAGING_MARK = "__sv_"  # restore/targets/qdrant.py names its staging collections <name>__sv_<stamp>
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_SORT_KEYS
 _LOCAL_EPSILON = 1.1920929e-7  # qdrant_client.local.local_collection.EPSILON
+# read local-mode collections directly (qdrant_local.py); False reads them through `scroll`, as a
+# server is read: bench_qdrant.py uses it to measure the encoder's cost over the scroll alone
+LOCAL_DIRECT_READ = True
 
 
 # ---- clients -----------------------------------------------------------------------------
@@ -280,6 +284,8 @@ def float32_matrix(rows: list, size: int) -> np.ndarray:
     same way (a C cast); anything struct refuses (a row of another length, a value beyond
     float32's range, not a number) goes through np.array as before, for the same result or
     ValueError."""
+    if rows and isinstance(rows[0], np.ndarray):  # local mode's stored float32 rows (qdrant_local.py)
+        return np.array(rows, dtype=np.float32).reshape(len(rows), size)
     pack = _row_packer(size)
     try:
         data = bytearray().join([pack(*r) for r in rows])
@@ -382,7 +388,14 @@ def decode_record(record: bytes, layout: VectorLayout, fmt: str = FORMAT) -> dic
 
 
 def iter_pages(client: Any, name: str, page_size: int = PAGE_SIZE) -> Iterator[list]:
-    """Scroll pages of a collection (or alias), in point id order, vectors and payloads included."""
+    """Scroll pages of a collection (or alias), in point id order, vectors and payloads included.
+    In local mode, read from the collection itself (qdrant_local.py: one sort of the ids, not
+    one per page), unless this qdrant-client's internals are not the ones it knows."""
+    with qdrant_call(f"scroll collection {name!r}"):
+        collection = local_collection(client, name) if LOCAL_DIRECT_READ else None
+    if collection is not None:
+        yield from iter_local_pages(collection, page_size)
+        return
     offset = None
     while True:
         with qdrant_call(f"scroll collection {name!r}"):

@@ -544,3 +544,57 @@ def test_diff_reports_name_vector_low_bit_changes_in_v2_records(store):
     assert target.classify(item, first, changed) == "vector"
     assert target.classify(item, first, payload) == "payload"
     assert target.classify(item, first, second) in ("payload", "vector")
+
+
+def _public_scroll_records(handle, name: str, fmt: str, monkeypatch) -> list[bytes]:
+    """The records as qdrant-client's public `scroll` gives the points (the direct local read
+    switched off)."""
+    import backup.sources.qdrant as qdrant_source
+
+    with monkeypatch.context() as mp:
+        mp.setattr(qdrant_source, "LOCAL_DIRECT_READ", False)
+        schema = collection_schema(handle.client.get_collection(name), local=True)
+        return list(iter_collection_records(handle.client, name, schema, local=True, page_size=7, fmt=fmt))
+
+
+def test_local_direct_read_gives_the_records_scroll_gives(store, monkeypatch):
+    """Local mode is read from the collection itself (qdrant_local.py, one sort of the ids, not
+    one per page): the same records, byte for byte, as through `scroll`, for named dense +
+    sparse vectors with some points lacking one, UUID + int ids, multivectors, deleted points
+    and a collection reached through an alias; in both record formats."""
+    from backup.sources.qdrant import iter_pages
+    from backup.sources.qdrant_local import LocalPoint, local_collection
+
+    c = store.client
+    seed_colbert(c)
+    c.delete("kb", points_selector=m.PointIdsList(points=[3, 10, 17 * 7 + 3]))
+    c.delete("faq", points_selector=m.FilterSelector(filter=m.Filter(must=[
+        m.FieldCondition(key="q", match=m.MatchText(text="question 1"))])))
+    c.delete_vectors("colbert", vectors=["small"], points=[2, 5])
+    c.update_collection_aliases(change_aliases_operations=[
+        m.CreateAliasOperation(create_alias=m.CreateAlias(collection_name="faq", alias_name="faq_live"))])
+    for name in ("kb", "faq", "colbert", "faq_live"):
+        assert local_collection(c, name) is not None, name  # the direct path is the one taken
+        first = next(iter(iter_pages(c, name, page_size=7)))
+        assert isinstance(first[0], LocalPoint) and len(first) == 7
+        schema = collection_schema(c.get_collection(name), local=True)
+        for fmt in (FORMAT, FORMAT_V1):
+            direct = list(iter_collection_records(c, name, schema, local=True, page_size=7, fmt=fmt))
+            assert direct == _public_scroll_records(store, name, fmt, monkeypatch), (name, fmt)
+        assert len(direct) == c.count(name).count
+    assert len(records_of(store, "kb")) == 397
+    assert not any(b'"small"' in r for r in records_of(store, "colbert")[2:3])
+
+
+def test_local_direct_read_falls_back_to_scroll_when_internals_differ(store, monkeypatch):
+    """A qdrant-client whose local collection lacks what qdrant_local reads is read through
+    `scroll`: same records; a missing collection is NotFoundError either way."""
+    from backup.sources import qdrant_local
+    from backup.sources.qdrant_local import local_collection
+
+    expected = records_of(store, "faq")
+    monkeypatch.setattr(qdrant_local, "_COLLECTION_FIELDS", qdrant_local._COLLECTION_FIELDS + ("not_there",))
+    assert local_collection(store.client, "faq") is None
+    assert records_of(store, "faq") == expected
+    with pytest.raises(NotFoundError):
+        list(iter_collection_records(store.client, "nope", {"vectors": {}}, local=True))

@@ -36,9 +36,10 @@ def ratios(out: str) -> dict[str, dict[str, str]]:
     ("bench_postgres.py", ["--rows", "2000"], {"backup": "pg_dump -Fc", "restore+verify": "pg_restore"}),
     ("bench_redis.py", ["--keys", "500"], {"backup": "redis-cli --rdb"}),
     ("bench_qdrant.py", ["--points", "300", "--dim", "16"],
-     {"backup": "bare scroll", "backup+offline index": "bare scroll"}),
+     {"backup": "bare scroll", "backup+offline index": "bare scroll", "backup through scroll": "bare scroll"}),
     ("bench_qdrant.py", ["--points", "300", "--dim", "16", "--rest"],
-     {"backup": "bare scroll", "backup+offline index": "bare scroll", "backup over REST": "bare scroll over REST"}),
+     {"backup": "bare scroll", "backup+offline index": "bare scroll", "backup through scroll": "bare scroll",
+      "backup over REST": "bare scroll over REST"}),
     ("bench_rss.py", ["--rows", "1000", "--keys", "200", "--scale", "3"],
      {"rss growth postgres": "1x data", "rss growth redis": "1x data"}),
 ])
