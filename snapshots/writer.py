@@ -7,8 +7,8 @@
     manifest = writer.commit(cut_time)
 
 Chunks are compressed and uploaded by a small thread pool while the caller keeps streaming;
-at most `2 x upload_concurrency` chunks are in flight, so memory stays bounded whatever the
-source size. The manifest is written last with a conditional create: until then the snapshot
+at most `2 x upload_concurrency x chunk_avg_size` bytes of chunks are in flight (or one chunk,
+if it is bigger), so memory stays bounded whatever the source size. The manifest is written last with a conditional create: until then the snapshot
 does not exist, and a crash leaves only unreferenced chunks for prune.
 """
 from __future__ import annotations
@@ -85,7 +85,12 @@ class _Uploader:
         self.stats = stats
         self.level = level
         self._pool = ThreadPoolExecutor(max_workers=repo.upload_concurrency, thread_name_prefix="upload")
-        self._slots = threading.BoundedSemaphore(repo.upload_concurrency * 2)
+        # a budget of bytes, not of chunks: chunk sizes have a long tail (up to chunk_max_size,
+        # 4x the average), and with a count limit the peak memory rose with the number of chunks,
+        # as a longer backup met a run of big ones in flight together
+        self.budget = repo.upload_concurrency * 2 * repo.config.chunk_avg_size
+        self.in_flight = 0
+        self._room = threading.Condition()
         self._claimed: dict[str, int] = {}  # chunk id -> stored size (0 while its upload is in flight)
         self._claim_lock = threading.Lock()
         self.error: BaseException | None = None
@@ -93,17 +98,26 @@ class _Uploader:
     def submit(self, data: bytes, records: int) -> Future:
         if self.error is not None:
             raise self.error
-        self._slots.acquire()
+        size = len(data)
+        with self._room:
+            while self.in_flight and self.in_flight + size > self.budget:
+                self._room.wait()
+            self.in_flight += size
         try:
             fut = self._pool.submit(self._store, data, records)
         except BaseException:
-            self._slots.release()
+            self._release(size)
             raise
-        fut.add_done_callback(self._done)
+        fut.add_done_callback(lambda f: self._done(f, size))
         return fut
 
-    def _done(self, fut: Future) -> None:
-        self._slots.release()
+    def _release(self, size: int) -> None:
+        with self._room:
+            self.in_flight -= size
+            self._room.notify_all()
+
+    def _done(self, fut: Future, size: int) -> None:
+        self._release(size)
         if fut.cancelled():  # abort(): exception() would raise CancelledError inside this callback
             return
         if fut.exception() is not None and self.error is None:

@@ -194,6 +194,36 @@ def test_an_aborted_snapshot_is_invisible_and_aborts_quietly(repo, caplog):
         writer.check_aborted(gate)
 
 
+def test_chunks_in_flight_stay_within_the_byte_budget(repo):
+    """At most 2 x upload_concurrency x chunk_avg_size bytes of chunks wait or upload at once
+    (one chunk alone may be bigger): observed as each chunk starts storing, with slow uploads
+    so the writer keeps running into the budget."""
+    seen: list[tuple[int, int]] = []  # (bytes in flight, size of the chunk being stored)
+    repo.upload_concurrency = 2
+    writer = repo.begin_snapshot("memory", "postgres")
+    uploader = writer._uploader
+    real_store = uploader._store
+
+    def slow_store(data, records):
+        seen.append((uploader.in_flight, len(data)))
+        time.sleep(0.002)
+        return real_store(data, records)
+
+    uploader._store = slow_store
+    with writer.item("t", "table", "jsonl") as w:
+        w.add_many(memory_rows(20000))
+    manifest = writer.commit(utcnow())
+    sizes = [c.size for c in manifest.items[0].chunks]
+    budget = 2 * 2 * (16 << 10)
+    assert uploader.budget == budget
+    assert len(sizes) > 50 and max(sizes) > budget / 4  # many chunks, some of them big
+    # over the budget only as the one chunk in flight (a chunk ends at a record boundary, so
+    # it can pass chunk_max_size)
+    assert all(n <= budget or n == size for n, size in seen), [x for x in seen if x[0] > budget]
+    assert max(n for n, _ in seen) > budget / 2  # the writer did run into the budget
+    assert uploader.in_flight == 0
+
+
 @pytest.mark.parametrize("kind, source_level, repo_level, expected", [
     ("postgres", None, None, 3), ("redis", None, None, 2), ("qdrant", None, None, 1), ("other", None, None, 3),
     ("redis", None, 6, 6), ("qdrant", 9, 6, 9),
