@@ -2,6 +2,13 @@
 
 Chunks are not deleted here: `prune` removes what no manifest references any more. The
 policy decision is the pure `apply_retention`; this module only does the I/O around it.
+
+A source's backups and its `pre-restore` snapshots (what a `replace`/`swap` restore
+overwrote, often of a few items only) are retained as two groups, each under the source's
+policy, as restic's `--group-by tags` would: counted together, a partial pre-restore snapshot
+taken after the day's backup would take that day's `keep_daily` slot and the full backup of
+the day would be removed (and `keep_last = N` would keep fewer than N backups after N
+restores).
 """
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from dataclasses import dataclass, field
 
 from backup.retention import SnapshotRef, apply_retention
 from snapshots.drill_reports import verified_snapshot_ids
-from snapshots.repository import Repository
+from snapshots.repository import PRE_RESTORE_TAG, Repository
 from snapshots.settings import RetentionPolicy, Settings
 
 
@@ -41,17 +48,26 @@ def forget_snapshots(repo: Repository, settings: Settings, *, sources: list[str]
                 if cfg is None:
                     continue  # a source no longer configured: keep its snapshots until told otherwise
                 rule = cfg.retention
-            refs = [SnapshotRef(id=m.id, time=m.cut_time, tags=tuple(m.tags), verified=m.id in verified)
-                    for m in manifests if m.source == name]
-            if not refs:
+            groups: dict[str, list[SnapshotRef]] = {}
+            for m in manifests:
+                if m.source == name:
+                    group = PRE_RESTORE_TAG if PRE_RESTORE_TAG in m.tags else "backups"
+                    groups.setdefault(group, []).append(
+                        SnapshotRef(id=m.id, time=m.cut_time, tags=tuple(m.tags), verified=m.id in verified))
+            if not groups:
                 continue
-            decision = apply_retention(refs, rule)
-            result.sources[name] = {
-                "keep": [{"id": k.snapshot.id, "time": k.snapshot.time.isoformat(), "reasons": k.reasons}
-                         for k in decision.keep],
-                "remove": [{"id": r.id, "time": r.time.isoformat()} for r in decision.remove],
-            }
+            keep, remove = [], []
+            for group, refs in sorted(groups.items()):
+                decision = apply_retention(refs, rule)
+                keep += [{"id": k.snapshot.id, "time": k.snapshot.time, "reasons": k.reasons, "group": group}
+                         for k in decision.keep]
+                remove += [{"id": r.id, "time": r.time, "group": group} for r in decision.remove]
+            for entries in (keep, remove):
+                entries.sort(key=lambda e: e["time"], reverse=True)
+                for e in entries:
+                    e["time"] = e["time"].isoformat()
+            result.sources[name] = {"keep": keep, "remove": remove}
             if not dry_run:
-                for r in decision.remove:
-                    repo.delete_snapshot(r.id)
+                for r in remove:
+                    repo.delete_snapshot(r["id"])
     return result

@@ -141,11 +141,12 @@ def forget(ctx: typer.Context,
         emit_json(result.to_dict())
         return
     for name, decision in result.sources.items():
-        table = Table("snapshot", "time", "decision", "reasons", title=f"source {name}")
+        # backups and pre-restore snapshots are retained as two groups (backup/forget.py)
+        table = Table("snapshot", "time", "group", "decision", "reasons", title=f"source {name}")
         for k in decision["keep"]:
-            table.add_row(k["id"], k["time"], "[green]keep[/]", ", ".join(k["reasons"]))
+            table.add_row(k["id"], k["time"], k.get("group", ""), "[green]keep[/]", ", ".join(k["reasons"]))
         for r in decision["remove"]:
-            table.add_row(r["id"], r["time"], "[red]remove[/]" + (" (dry run)" if dry_run else ""), "")
+            table.add_row(r["id"], r["time"], r.get("group", ""), "[red]remove[/]" + (" (dry run)" if dry_run else ""), "")
         console.print(table)
     console.print(f"{result.removed} snapshots {'would be ' if dry_run else ''}removed; run "
                   "`statevault snapshots prune` to free their chunks")

@@ -259,3 +259,35 @@ def test_a_source_compression_level_reaches_its_chunks(tmp_path, qdrant_client, 
         [chunk] = manifest.items[0].chunks
         data = b"".join(repo.iter_records(manifest.items[0]))
         assert repo.store.get(codec.chunk_key(chunk.id)) == codec.compress(data, level or 1)
+
+
+def test_pre_restore_snapshots_are_retained_apart_from_the_backups(file_repo_url):
+    """A pre-restore snapshot (often of a few items) taken after the day's backup must not take
+    that day's keep_daily slot, nor count toward keep_last: backups and pre-restore snapshots
+    are two retention groups under the same policy (backup/forget.py)."""
+    from datetime import datetime, timezone
+
+    from backup.forget import forget_snapshots
+    from snapshots.repository import PRE_RESTORE_TAG
+    from snapshots.settings import Settings
+
+    repo = open_repository(file_repo_url, create=True, config=RepoConfig(id="t", created_at=utcnow(), **SMALL_CHUNKS))
+
+    def snap(day: int, hour: int, tags=()) -> str:
+        writer = repo.begin_snapshot("memory", "postgres", tags=tags)
+        with writer.item("t", "table", "jsonl") as w:
+            w.add_many(memory_rows(5, start=day * 100 + hour))
+        return writer.commit(datetime(2026, 11, day, hour, tzinfo=timezone.utc)).id
+
+    backups = {day: snap(day, 2) for day in (20, 21, 22, 23)}       # the nightly backups
+    pre = {day: snap(day, 15, [PRE_RESTORE_TAG]) for day in (22, 23)}  # restores in the afternoons
+    settings = Settings(repository={"url": file_repo_url}, sources={"memory": {
+        "kind": "postgres", "url": "postgresql://agent@db/agent", "retention": {"keep_daily": 2}}})
+    result = forget_snapshots(repo, settings)
+    decision = result.sources["memory"]
+    kept = {k["id"]: k["group"] for k in decision["keep"]}
+    assert kept == {backups[23]: "backups", backups[22]: "backups",
+                    pre[23]: PRE_RESTORE_TAG, pre[22]: PRE_RESTORE_TAG}
+    assert [r["id"] for r in decision["remove"]] == [backups[21], backups[20]]
+    assert [k["time"] for k in decision["keep"]] == sorted((k["time"] for k in decision["keep"]), reverse=True)
+    assert {m.id for m in repo.list_snapshots()} == set(kept)
