@@ -26,7 +26,9 @@ A run of job J for tick T, on any of several daemons sharing a repository:
 
 Shutdown (`serve_forever`): the first SIGTERM/SIGINT stops scheduling and waits up to
 `shutdown_timeout_seconds` for running jobs, then sets the abort event (backups stop before
-their manifest is written: no visible snapshot); a second signal aborts at once. SIGHUP
+their manifest is written: no visible snapshot; check, prune and drill stop before their next
+chunk read, deletion or restore step, a drill removing its scratch target); a second signal
+aborts at once. SIGHUP
 re-reads the config: an invalid one is logged and the running one kept.
 """
 from __future__ import annotations
@@ -51,7 +53,7 @@ from backup.daemon_jobs import (JOB_BODIES, JobOutcome, JobReport, JobSpec, Snap
                                 open_repo, plan_jobs, save_status, status_record)
 from backup.metrics import DaemonMetrics, MetricsServer
 from backup.schedule import CroniterTrigger, TickExecutor, due_run, initial_next_run, is_misfire
-from snapshots.errors import LockedError, StatevaultError
+from snapshots.errors import Aborted, LockedError, StatevaultError
 from snapshots.leases import acquire_lease, claim_once, default_owner
 from snapshots.settings import Settings, redact_url
 
@@ -178,6 +180,8 @@ class Daemon:
         except LockedError as exc:
             return self._record(JobOutcome(name, tick, "skipped_locked", run_id, time.monotonic() - started,
                                            error=exc.message), spec.source)
+        except Aborted as exc:  # shutdown: check, prune and drill stop between steps (backups report it)
+            report = JobReport(ok=False, error=exc.message, aborted=True)
         except StatevaultError as exc:
             report = JobReport(ok=False, error=exc.message)
         except Exception as exc:  # noqa: BLE001 - one broken job must never stop the daemon

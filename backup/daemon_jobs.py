@@ -131,7 +131,7 @@ def run_retention_job(daemon: "Daemon", repo: "Repository", settings: Settings, 
     from snapshots.prune import prune_repository
 
     forgotten = forget_snapshots(repo, settings)
-    pruned = prune_repository(repo, grace=approx_timedelta(settings.repository.prune_grace))
+    pruned = prune_repository(repo, grace=approx_timedelta(settings.repository.prune_grace), abort=daemon.abort)
     return JobReport(ok=True, detail={"removed": forgotten.removed, "chunks_deleted": pruned.chunks_deleted,
                                       "bytes_deleted": pruned.bytes_deleted})
 
@@ -139,7 +139,7 @@ def run_retention_job(daemon: "Daemon", repo: "Repository", settings: Settings, 
 def run_check_job(daemon: "Daemon", repo: "Repository", settings: Settings, spec: JobSpec) -> JobReport:
     from snapshots.check import check_repository
 
-    report = check_repository(repo, subset_percent=float(settings.daemon.check_subset[:-1]))
+    report = check_repository(repo, subset_percent=float(settings.daemon.check_subset[:-1]), abort=daemon.abort)
     problems = len(report.problems) + len(report.manifest_errors)
     error = None if report.ok else (f"{problems} problem(s); broken snapshots: "
                                     + ", ".join(report.broken_snapshots[:10]))
@@ -149,7 +149,7 @@ def run_check_job(daemon: "Daemon", repo: "Repository", settings: Settings, spec
 
 
 def run_drill_job(daemon: "Daemon", repo: "Repository", settings: Settings, spec: JobSpec) -> JobReport:
-    result = daemon.drill_fn(repo, settings, sources=None)
+    result = daemon.drill_fn(repo, settings, sources=None, abort=daemon.abort)
     data = result.to_dict()
     sources = [{"source": s.get("source"), "ok": bool(s.get("ok")), "rto_seconds": s.get("rto_seconds"),
                 "rpo_seconds": s.get("rpo_seconds"), "error": s.get("error")} for s in data.get("sources", [])]

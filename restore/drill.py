@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from restore.run import restore_snapshot
 from snapshots.drill_reports import save_drill_report
-from snapshots.errors import SourceError, StatevaultError, UsageError, VerificationError
+from snapshots.errors import Aborted, SourceError, StatevaultError, UsageError, VerificationError
 from snapshots.manifest import utcnow
 from snapshots.repository import Repository
 from snapshots.settings import Settings, redact_url
@@ -83,9 +84,13 @@ class DrillResult:
 
 
 def run_drill(repo: Repository, settings: Settings, sources: list[str] | None = None, *, snapshot: str = "latest",
-              keep_scratch: bool = False, save: bool = True) -> DrillResult:
+              keep_scratch: bool = False, save: bool = True, abort: threading.Event | None = None) -> DrillResult:
     """Drill every named source (default: every configured source). Never raises for a source's
-    failure: it is recorded in that source's entry. The report is saved in the repository."""
+    failure: it is recorded in that source's entry. The report is saved in the repository.
+
+    With an `abort` event (the daemon's shutdown), the drill stops before its next restore step
+    and raises Aborted, after the scratch target of the source in progress is cleaned up; an
+    interrupted drill proves nothing, so no report is saved."""
     names = list(sources) if sources else sorted(settings.sources)
     for n in names:
         settings.source(n)
@@ -93,24 +98,32 @@ def run_drill(repo: Repository, settings: Settings, sources: list[str] | None = 
     result = DrillResult(id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3),
                          started_at=started.isoformat())
     for name in names:
-        result.sources.append(_drill_source(repo, settings, name, snapshot, result.id, keep_scratch))
+        result.sources.append(_drill_source(repo, settings, name, snapshot, result.id, keep_scratch, abort))
     result.finished_at = utcnow().isoformat()
     if save:
         save_drill_report(repo, result.to_dict())
     return result
 
 
-def _drill_source(repo, settings, name, ref, drill_id, keep_scratch) -> SourceDrill:
+def _check_abort(abort: threading.Event | None, name: str) -> None:
+    if abort is not None and abort.is_set():
+        raise Aborted(f"drill interrupted at source {name}; its scratch target is removed",
+                      hint="No drill report was saved; run the drill again.")
+
+
+def _drill_source(repo, settings, name, ref, drill_id, keep_scratch, abort=None) -> SourceDrill:
     cfg = settings.source(name)
     entry = SourceDrill(source=name, kind=cfg.kind)
     scratch = None
     try:
+        _check_abort(abort, name)
         manifest = repo.resolve(ref, source=name)
         entry.snapshot_id, entry.cut_time = manifest.id, manifest.cut_time.isoformat()
         scratch = _open_scratch(cfg, drill_id)
         entry.scratch = scratch.describe()
         started = time.monotonic()
         for only, into in scratch.restores(manifest):
+            _check_abort(abort, name)
             res = restore_snapshot(repo, settings, name, manifest.id, only=only, into=into, mode="new",
                                    to_url=scratch.url, to_path=scratch.path)
             entry.records += res.records_restored
@@ -124,6 +137,8 @@ def _drill_source(repo, settings, name, ref, drill_id, keep_scratch) -> SourceDr
                 raise VerificationError("offline index answers differ from the restored collection",
                                         report=entry.offline_check)
         entry.ok, entry.status = True, "pass"
+    except Aborted:
+        raise  # after the cleanup below
     except VerificationError as exc:
         entry.status, entry.error = "verification_failed", exc.message
         report = getattr(exc, "report", None) or {}

@@ -2,16 +2,20 @@
 
 Corruption is reported by chunk with every snapshot it breaks, so an operator knows which
 restore points are lost and which are still good.
+
+With an `abort` event (the daemon's shutdown), the data reads stop and Aborted is raised: a
+partial check proves nothing, so it reports nothing.
 """
 from __future__ import annotations
 
 import random
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from snapshots import codec
-from snapshots.errors import CorruptChunkError
+from snapshots.errors import Aborted, CorruptChunkError
 from snapshots.repository import Repository
 
 
@@ -39,7 +43,7 @@ class CheckReport:
 
 
 def check_repository(repo: Repository, *, read_data: bool = False, subset_percent: float | None = None,
-                     seed: int | None = None) -> CheckReport:
+                     seed: int | None = None, abort: threading.Event | None = None) -> CheckReport:
     """Check structure (and data, when asked). Never raises for corruption: it reports it."""
     report = CheckReport()
     manifests = repo.list_snapshots()
@@ -64,6 +68,9 @@ def check_repository(repo: Repository, *, read_data: bool = False, subset_percen
             to_read = candidates
 
     def read(cid: str) -> tuple[str, int, str | None]:
+        if abort is not None and abort.is_set():
+            raise Aborted(f"check interrupted after reading {report.chunks_read} of {len(to_read)} chunks",
+                          hint="Nothing was reported; run the check again.")
         try:
             return cid, len(repo.read_chunk(cid)), None
         except CorruptChunkError as exc:

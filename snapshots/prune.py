@@ -4,13 +4,18 @@ The grace period protects a backup that is uploading right now: its chunks are n
 referenced by any manifest (the manifest is written last). Prune runs under the exclusive
 repository lease, and refuses to run while any manifest is unreadable (it could not know
 which chunks that snapshot needs).
+
+With an `abort` event (the daemon's shutdown), prune stops before its next deletion and raises
+Aborted: every chunk it deleted was unreferenced and past the grace period, and the rest wait
+for the next prune, so stopping anywhere is safe.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from snapshots.errors import ManifestError
+from snapshots.errors import Aborted, ManifestError
 from snapshots.manifest import utcnow
 from snapshots.repository import Repository
 
@@ -32,8 +37,15 @@ class PruneReport:
         return d
 
 
-def prune_repository(repo: Repository, *, grace: timedelta, dry_run: bool = False) -> PruneReport:
+def prune_repository(repo: Repository, *, grace: timedelta, dry_run: bool = False,
+                     abort: threading.Event | None = None) -> PruneReport:
     report = PruneReport(dry_run=dry_run)
+
+    def check_abort() -> None:
+        if abort is not None and abort.is_set():
+            raise Aborted(f"prune interrupted after deleting {report.chunks_deleted} unreferenced chunk(s); "
+                          "the others stay until the next prune", hint="Nothing referenced was touched.")
+
     with repo.lease("prune", exclusive=True):
         manifests = repo.list_snapshots()
         if repo.manifest_errors:
@@ -50,6 +62,7 @@ def prune_repository(repo: Repository, *, grace: timedelta, dry_run: bool = Fals
             if obj.modified > cutoff:
                 report.chunks_in_grace += 1
                 continue
+            check_abort()
             report.chunks_deleted += 1
             report.bytes_deleted += obj.size
             report.deleted.append(cid)
@@ -60,6 +73,7 @@ def prune_repository(repo: Repository, *, grace: timedelta, dry_run: bool = Fals
             for path in list(stale()):
                 try:
                     if utcnow().timestamp() - path.stat().st_mtime > grace.total_seconds():
+                        check_abort()
                         report.stale_files_deleted += 1
                         if not dry_run:
                             path.unlink()

@@ -565,3 +565,76 @@ def test_cli_daemon_once_runs_what_is_due_and_exits(file_repo_url, redis_url, tm
     assert [(e["job"], e["result"]) for e in events if e["event"] == "job_finished"] == [("backup-hist", "ok")]
     assert all("password" not in json.dumps(e) for e in events)
     assert len(open_repository(file_repo_url).list_snapshots()) == 1
+
+
+def test_shutdown_aborts_check_prune_and_drill_between_steps(file_repo_url, redis_url, monkeypatch):
+    """The abort event (set when shutdown_timeout_seconds runs out) stops a check before its
+    next chunk read, a prune before its next deletion and a drill before its next restore step
+    (its scratch database emptied): the daemon records them as aborted, not failed."""
+    import restore.drill as drill_module
+    from snapshots.drill_reports import list_drill_reports
+    from snapshots.errors import Aborted
+    from snapshots.prune import prune_repository
+
+    from snapshots.manifest import RepoConfig, utcnow
+
+    seed(redis_url, 3000)
+    seed(redis_url, 3000, prefix="notes")
+    sources = {"hist": redis_source(redis_url, NEVER, patterns=["history:*"]),
+               "notes": redis_source(redis_url, NEVER, patterns=["notes:*"])}
+    settings = settings_for(file_repo_url, sources)
+    repo = open_repository(file_repo_url, create=True, config=RepoConfig(
+        id="t", created_at=utcnow(), chunk_avg_size=16 << 10, chunk_min_size=4 << 10, chunk_max_size=64 << 10))
+    for name in sources:
+        assert run_backup(repo, settings, [name]).ok
+
+    # check: the daemon's job reports the abort
+    daemon = Daemon(settings, clock=Clock(T0))
+    daemon.abort.set()
+    outcome = daemon.run_job("check", T0)
+    assert outcome.result == "aborted" and "check interrupted" in outcome.error
+    with pytest.raises(Aborted):
+        check_repository(repo, read_data=True, abort=daemon.abort)
+    assert check_repository(repo, read_data=True).ok
+
+    # prune: stops before its next deletion; nothing referenced is touched
+    keep = repo.list_snapshots(source="hist")[0]
+    repo.delete_snapshot(repo.list_snapshots(source="notes")[0].id)
+    orphans = {o.key for o in repo.store.list("data")} - {f"data/{c[:2]}/{c}" for c in keep.chunk_ids()}
+    assert len(orphans) >= 3
+    stop, deleted, real_delete = threading.Event(), [], repo.store.delete
+
+    def delete(key):
+        real_delete(key)
+        if key.startswith("data/"):  # (not the lease prune releases)
+            deleted.append(key)
+            if len(deleted) == 2:
+                stop.set()
+
+    monkeypatch.setattr(repo.store, "delete", delete)
+    with pytest.raises(Aborted, match="after deleting 2 unreferenced"):
+        prune_repository(repo, grace=timedelta(0), abort=stop)
+    assert set(deleted) <= orphans and len(deleted) == 2
+    assert check_repository(repo, read_data=True).ok  # every chunk of the kept snapshot is still there
+    monkeypatch.undo()
+
+    # drill: the abort comes during the first source's restore; that scratch is cleaned up, the
+    # second source never starts, no report is saved
+    assert run_backup(repo, settings, ["notes"]).ok
+    stop = threading.Event()
+    scratch_urls = []
+    real_restore = drill_module.restore_snapshot
+
+    def restore_then_stop(*args, **kwargs):
+        scratch_urls.append(kwargs["to_url"])
+        result = real_restore(*args, **kwargs)
+        stop.set()
+        return result
+
+    monkeypatch.setattr(drill_module, "restore_snapshot", restore_then_stop)
+    reports_before = len(list_drill_reports(repo))
+    with pytest.raises(Aborted, match="drill interrupted"):
+        drill_module.run_drill(repo, settings, ["hist", "notes"], abort=stop)
+    assert len(scratch_urls) == 1
+    assert redis.Redis.from_url(scratch_urls[0]).dbsize() == 0
+    assert len(list_drill_reports(repo)) == reports_before
