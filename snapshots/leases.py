@@ -14,6 +14,12 @@ shared/exclusive race can make both back off but never lets both proceed.
 Holders refresh their object every ttl/3 from a background thread; a holder that died
 stops refreshing and its lease expires after `ttl` seconds, after which it is taken over
 without any manual unlock. Clocks of hosts sharing a repository must be roughly in sync (NTP).
+
+A holder that only stalled (a partition, a suspended VM) comes back to a lease that may have
+been taken over meanwhile; refreshing it would not undo that. Each lease therefore knows
+whether it *lapsed*: a refresh that landed after the previous one's expiry, or no valid one
+now. `stands()` is False from then on, and whoever relies on the lease re-checks what it
+assumed (a backup re-verifies its chunks before writing its manifest: snapshots/writer.py).
 """
 from __future__ import annotations
 
@@ -102,13 +108,32 @@ class Lease:
         self.created = _now()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost = False  # set when a refresh found our lease gone (taken over after expiry)
+        self.lost = False    # set when a refresh found our lease gone (taken over after expiry)
+        self.lapsed = False  # set when a refresh landed after our lease had expired (see module docstring)
+        self._valid_until: datetime | None = None
 
-    def _body(self) -> bytes:
+    def _body(self, at: datetime | None = None) -> bytes:
         return json.dumps({
             "name": self.name, "exclusive": self.exclusive, "owner": self.owner, "purpose": self.purpose,
-            "created": self.created.isoformat(), "expires": (_now() + timedelta(seconds=self.ttl)).isoformat(),
+            "created": self.created.isoformat(),
+            "expires": ((at or _now()) + timedelta(seconds=self.ttl)).isoformat(),
         }).encode()
+
+    def _write(self, write) -> bool:
+        """Write our object with `write(key, body)`; track how long it keeps the lease valid."""
+        at = _now()
+        done = write(self.key, self._body(at))
+        if done is False:
+            return False
+        if self._valid_until is not None and _now() > self._valid_until:
+            self.lapsed = True
+        self._valid_until = at + timedelta(seconds=self.ttl)
+        return True
+
+    def stands(self) -> bool:
+        """Held, never lapsed, not taken over, and not expired now."""
+        return (self.key is not None and not self.lost and not self.lapsed and self._valid_until is not None
+                and _now() < self._valid_until)
 
     def acquire(self) -> "Lease":
         if self.exclusive:
@@ -133,11 +158,16 @@ class Lease:
         top, holder = self._live_exclusive()
         if holder is not None:
             raise LockedError(f"repository is locked: {holder.describe()}")
-        key = f"locks/{self.name}/x-{top + 1:010d}.json"
-        if not self.store.create(key, self._body()):
+        self.key = f"locks/{self.name}/x-{top + 1:010d}.json"
+        try:
+            created = self._write(self.store.create)
+        except BaseException:
+            self.key = None  # not ours: never delete it on release
+            raise
+        if not created:
+            key, self.key = self.key, None
             winner = _decode(self.store, key)
             raise LockedError("repository is locked: " + (winner.describe() if winner else "another process won the lease"))
-        self.key = key
         leases = list_leases(self.store, self.name)
         shared = [i for i in leases if not i.exclusive and not i.expired]
         if shared:
@@ -153,7 +183,7 @@ class Lease:
 
     def _acquire_shared(self) -> None:
         self.key = f"locks/{self.name}/shared-{uuid.uuid4().hex}.json"
-        self.store.put(self.key, self._body())
+        self._write(self.store.put)
         _, holder = self._live_exclusive()
         if holder is not None:
             self.release()
@@ -182,7 +212,7 @@ class Lease:
                 if self.exclusive and self._superseded():
                     self.lost = True
                     return
-                self.store.put(self.key, self._body())
+                self._write(self.store.put)
             except Exception:  # noqa: BLE001 - a failed refresh is retried next period; expiry is the backstop
                 continue
 

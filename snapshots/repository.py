@@ -37,6 +37,7 @@ class Repository:
         self.lease_ttl = lease_ttl
         self.url = redact_url(store.url)
         self.manifest_errors: list[ManifestError] = []
+        self._leases: list[Lease] = []  # taken through `lease()`; released ones are dropped lazily
 
     # ---- retries -------------------------------------------------------------------------
     def retrying(self, fn: Callable[[], T], what: str, attempts: int = 5) -> T:
@@ -178,7 +179,13 @@ class Repository:
 
     # ---- leases and small objects --------------------------------------------------------
     def lease(self, purpose: str, *, exclusive: bool = False, name: str = "repository") -> Lease:
-        return acquire_lease(self.store, name, exclusive=exclusive, purpose=purpose, ttl=self.lease_ttl)
+        lease = acquire_lease(self.store, name, exclusive=exclusive, purpose=purpose, ttl=self.lease_ttl)
+        self._leases = [held for held in self._leases if held.key is not None] + [lease]
+        return lease
+
+    def held_leases(self, name: str = "repository") -> list[Lease]:
+        """The leases on `name` this process holds now through this repository object."""
+        return [held for held in self._leases if held.key is not None and held.name == name]
 
     def put_json(self, key: str, data: bytes) -> None:
         self.store.put(key, data)

@@ -301,10 +301,37 @@ class SnapshotWriter:
         (self._offline if w.offline else self._items).append(w.item)
 
     def commit(self, cut_time: datetime, *, extra_info: dict | None = None) -> Manifest:
-        """Wait for every chunk, then write the manifest: the snapshot exists from here on."""
+        """Wait for every chunk, then write the manifest: the snapshot exists from here on.
+
+        Fencing: chunks were deduplicated against what the repository held while this process
+        held its shared repository lease, which keeps prune out. If that lease lapsed meanwhile
+        (a stall longer than its ttl: see snapshots/leases.py), a prune may have deleted some of
+        them. The manifest is then written only under a fresh shared lease (none while a prune
+        runs), after every chunk it names is found in the store; else nothing is committed."""
         self._uploader.close()
         if self._uploader.error is not None:
             raise self._uploader.error
+        held = self.repo.held_leases()
+        if held and not all(lease.stands() for lease in held):
+            with self.repo.lease(f"re-check of snapshot {self.id} of {self.source}: its lease lapsed"):
+                self._verify_chunks_stored()
+                return self._write_manifest(cut_time, extra_info)
+        return self._write_manifest(cut_time, extra_info)
+
+    def _verify_chunks_stored(self) -> None:
+        missing = []
+        for cid in sorted({c.id for it in self._items + self._offline for c in it.chunks}):
+            try:
+                self.repo.retrying(lambda: self.repo.store.stat(codec.chunk_key(cid)), f"stat chunk {cid[:12]}")
+            except NotFoundError:
+                missing.append(cid)
+        if missing:
+            raise StoreError(f"snapshot {self.id} of {self.source} not committed: {len(missing)} of its chunks "
+                             f"were deleted (e.g. {missing[0][:12]}) by a prune that ran while this backup's "
+                             "repository lease had lapsed", retryable=True,
+                             hint="Run the backup again: it uploads what is missing.")
+
+    def _write_manifest(self, cut_time: datetime, extra_info: dict | None) -> Manifest:
         manifest = Manifest(id=self.id, source=self.source, kind=self.kind, started_at=self.started_at,
                             finished_at=utcnow(), cut_time=cut_time, tags=self.tags, backup_set=self.backup_set,
                             items=self._items, offline_index=self._offline,

@@ -291,3 +291,49 @@ def test_pre_restore_snapshots_are_retained_apart_from_the_backups(file_repo_url
     assert [r["id"] for r in decision["remove"]] == [backups[21], backups[20]]
     assert [k["time"] for k in decision["keep"]] == sorted((k["time"] for k in decision["keep"]), reverse=True)
     assert {m.id for m in repo.list_snapshots()} == set(kept)
+
+
+def test_a_backup_whose_lease_lapsed_commits_only_when_its_chunks_survived(repo):
+    """Fencing: a backup deduplicates against the chunks its shared lease protects from prune.
+    If the holder stalls past the lease's ttl (its refresh stopped here, as in a partition),
+    a prune may run meanwhile; a refresh after that does not hide the lapse. The manifest is
+    then written only under a fresh lease, after every chunk is found: committed when nothing
+    was deleted, refused (retryable, no manifest) when the prune took chunks it names."""
+    from datetime import timedelta
+
+    from snapshots.errors import StoreError
+    from snapshots.prune import prune_repository
+
+    repo.lease_ttl = 0.6
+    write(repo, "memory", {"t": memory_rows(3000)})
+
+    def stalled_backup():
+        lease = repo.lease("backup memory")
+        writer = repo.begin_snapshot("memory", "postgres")
+        with writer.item("t", "table", "jsonl") as w:
+            w.add_many(memory_rows(3000))  # the same records: every chunk deduplicated
+        assert lease.stands()
+        lease._stop.set()      # the holder stalls: no refresh...
+        lease._thread.join()
+        time.sleep(0.8)        # ...past the ttl
+        assert not lease.stands()
+        return lease, writer
+
+    lease, writer = stalled_backup()
+    lease._write(repo.store.put)  # it wakes up and refreshes: the lapse stays known
+    assert lease.lapsed and not lease.stands()
+    manifest = writer.commit(utcnow())  # nothing was pruned: committed after the re-check
+    lease.release()
+    assert manifest.id in {m.id for m in repo.list_snapshots()}
+    assert repo.held_leases() == []
+
+    lease, writer = stalled_backup()
+    for m in repo.list_snapshots():
+        repo.delete_snapshot(m.id)
+    pruned = prune_repository(repo, grace=timedelta(0))  # the lapsed shared lease does not stop it
+    assert pruned.chunks_deleted > 0
+    with pytest.raises(StoreError, match="deleted .* by a prune") as caught:
+        writer.commit(utcnow())
+    assert caught.value.retryable
+    lease.release()
+    assert repo.list_snapshots() == []
