@@ -18,7 +18,7 @@ searches them):
 
 Sparse vectors and multivectors are not in the offline index (the points item's schema says so).
 Work is per page and vectorised: the page's float32 matrix is built once by the record encoder
-(backup/sources/qdrant.py) and shared; here it is only checked for unit length, turned into
+(backup/sources/qdrant_records.py) and shared; here it is only checked for unit length, turned into
 bytes and sliced into rows.
 """
 from __future__ import annotations

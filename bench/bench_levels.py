@@ -64,7 +64,7 @@ def redis_records(rng, nbytes: int) -> list[bytes]:
 def qdrant_records(rng, nbytes: int) -> list[bytes]:
     import numpy as np
 
-    from backup.sources.qdrant import PointEncoder
+    from backup.sources.qdrant_records import PointEncoder
     from backup.sources.qdrant_config import VectorLayout
 
     text = random_text(rng, 1_000_000, b"abcdefghijklmnopqrstuvwxyz    ")

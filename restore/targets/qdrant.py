@@ -1,6 +1,6 @@
 """Qdrant target: recreate collections from a snapshot, replace them, or swap them in atomically.
 
-Records are "qdrant-points-jsonl-v2" (or -v1) lines (backup/sources/qdrant.py documents the
+Records are "qdrant-points-jsonl-v2" (or -v1) lines (backup/sources/qdrant_records.py documents the
 formats); each becomes a PointStruct, upserted in batches with wait=True (idempotent by id, so a
 transient failure is retried). The collection is created from the item's schema (vectors,
 sparse vectors, hnsw/optimizer/wal/quantization settings, shards), payload indexes after the
@@ -46,8 +46,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 
-from backup.sources.qdrant import (FORMATS, ITEM_KIND, STAGING_MARK, QdrantHandle, connect_qdrant,
-                                   decode_record, iter_collection_records, qdrant_call)
+from backup.sources.qdrant import (ITEM_KIND, STAGING_MARK, QdrantHandle, connect_qdrant, iter_collection_records,
+                                   qdrant_call)
+from backup.sources.qdrant_records import FORMATS, decode_record
 from backup.sources.qdrant_config import (SCHEMA_FORMAT, collection_schema, create_collection_kwargs,
                                           describe_difference, payload_index_ops, signature, vector_layout)
 from restore.targets.base import ItemPlan, RestoreOptions

@@ -12,7 +12,8 @@ import pytest
 from qdrant_client import models as m
 
 from backup.job import snapshot_source
-from backup.sources.qdrant import connect_qdrant, decode_record
+from backup.sources.qdrant import connect_qdrant
+from backup.sources.qdrant_records import decode_record
 from backup.sources.qdrant_config import vector_layout
 from snapshots import codec
 from snapshots.errors import CorruptChunkError, ManifestError, NotFoundError

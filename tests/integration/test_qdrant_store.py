@@ -24,10 +24,10 @@ import pytest
 from qdrant_client import models as m
 
 from backup.job import snapshot_source
-from backup.sources.qdrant import (FORMAT, FORMAT_V1, QdrantSource, connect_qdrant, decode_record,
-                                   iter_collection_records, local_canonical, translate_qdrant_error)
+from backup.sources.qdrant import QdrantSource, connect_qdrant, iter_collection_records, translate_qdrant_error
 from backup.sources.qdrant_config import (collection_schema, create_collection_kwargs, payload_index_ops,
                                           vector_layout)
+from backup.sources.qdrant_records import FORMAT, FORMAT_V1, decode_record, local_canonical
 from restore.run import restore_snapshot
 from restore.targets.base import RestoreOptions
 from restore.targets.qdrant import QdrantTarget

@@ -1,11 +1,11 @@
-"""Page-at-a-time work of the Qdrant encoder (backup/sources/qdrant.py) equals its one-vector
+"""Page-at-a-time work of the Qdrant encoder (backup/sources/qdrant_records.py) equals its one-vector
 version bit for bit: local-mode canonical vectors, row norms, base64 rows."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from backup.sources.qdrant import _row_norms, local_canonical, local_canonical_rows
+from backup.sources.qdrant_records import _row_norms, local_canonical, local_canonical_rows
 
 
 @pytest.mark.parametrize("dim", [1, 3, 7, 16, 31, 100, 384, 1536])
@@ -54,7 +54,7 @@ def test_canonical_rows_touch_only_the_rows_named():
 def test_page_base64_rows_equal_one_encoding_per_row(dim):
     import base64
 
-    from backup.sources.qdrant import _b64, _b64_rows
+    from backup.sources.qdrant_records import _b64, _b64_rows
 
     mat = np.random.default_rng(dim).standard_normal((37, dim)).astype(np.float32)
     rows = _b64_rows(mat)
@@ -66,7 +66,7 @@ def test_page_base64_rows_equal_one_encoding_per_row(dim):
 def test_float32_matrix_is_np_array_float32_bit_for_bit(dim):
     """struct's row packing rounds a double to float32 exactly as numpy's cast does: float32
     values (what Qdrant holds), arbitrary doubles that must round, subnormals, -0.0, ints."""
-    from backup.sources.qdrant import float32_matrix
+    from backup.sources.qdrant_records import float32_matrix
 
     rng = np.random.default_rng(dim)
     as_f32 = rng.standard_normal((20, dim)).astype(np.float32).tolist()
@@ -79,7 +79,7 @@ def test_float32_matrix_is_np_array_float32_bit_for_bit(dim):
 
 
 def test_float32_matrix_refuses_rows_of_another_size_and_overflows_like_numpy():
-    from backup.sources.qdrant import float32_matrix
+    from backup.sources.qdrant_records import float32_matrix
 
     with pytest.raises(ValueError):
         float32_matrix([[1.0, 2.0, 3.0], [1.0, 2.0]], 3)
