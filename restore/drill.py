@@ -24,7 +24,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from restore.run import restore_snapshot
 from snapshots.drill_reports import save_drill_report
-from snapshots.errors import Aborted, SourceError, StatevaultError, UsageError, VerificationError
+from snapshots.errors import (Aborted, SourceError, StatevaultError, UsageError, VerificationError,
+                             raise_if_aborted)
 from snapshots.manifest import utcnow
 from snapshots.repository import Repository
 from snapshots.settings import Settings, redact_url
@@ -106,9 +107,8 @@ def run_drill(repo: Repository, settings: Settings, sources: list[str] | None = 
 
 
 def _check_abort(abort: threading.Event | None, name: str) -> None:
-    if abort is not None and abort.is_set():
-        raise Aborted(f"drill interrupted at source {name}; its scratch target is removed",
-                      hint="No drill report was saved; run the drill again.")
+    raise_if_aborted(abort, f"drill interrupted at source {name}; its scratch target is removed",
+                     hint="No drill report was saved; run the drill again.")
 
 
 def _drill_source(repo, settings, name, ref, drill_id, keep_scratch, abort=None) -> SourceDrill:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from snapshots import codec
-from snapshots.errors import Aborted, CorruptChunkError
+from snapshots.errors import CorruptChunkError, raise_if_aborted
 from snapshots.repository import Repository
 
 
@@ -68,9 +68,8 @@ def check_repository(repo: Repository, *, read_data: bool = False, subset_percen
             to_read = candidates
 
     def read(cid: str) -> tuple[str, int, str | None]:
-        if abort is not None and abort.is_set():
-            raise Aborted(f"check interrupted after reading {report.chunks_read} of {len(to_read)} chunks",
-                          hint="Nothing was reported; run the check again.")
+        raise_if_aborted(abort, f"check interrupted after reading {report.chunks_read} of {len(to_read)} chunks",
+                         hint="Nothing was reported; run the check again.")
         try:
             return cid, len(repo.read_chunk(cid)), None
         except CorruptChunkError as exc:

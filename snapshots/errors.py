@@ -23,6 +23,8 @@ boundary where we call those libraries; `translate_store_error` does it for obje
 """
 from __future__ import annotations
 
+import threading
+
 
 class StatevaultError(Exception):
     exit_code = 1
@@ -108,6 +110,13 @@ class SourceError(StatevaultError):
 
 class Aborted(StatevaultError):
     default_hint = "Nothing was committed; run the command again."
+
+
+def raise_if_aborted(event: threading.Event | None, message: str, *, hint: str | None = None) -> None:
+    """Raise Aborted(message) once `event` (a daemon's shutdown, an operator's interrupt) is set;
+    long jobs call it between steps that are safe to stop after."""
+    if event is not None and event.is_set():
+        raise Aborted(message, hint=hint)
 
 
 def translate_store_error(exc: BaseException, what: str) -> StatevaultError:

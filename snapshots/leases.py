@@ -112,11 +112,11 @@ class Lease:
         self.lapsed = False  # set when a refresh landed after our lease had expired (see module docstring)
         self._valid_until: datetime | None = None
 
-    def _body(self, at: datetime | None = None) -> bytes:
+    def _body(self, at: datetime) -> bytes:
         return json.dumps({
             "name": self.name, "exclusive": self.exclusive, "owner": self.owner, "purpose": self.purpose,
             "created": self.created.isoformat(),
-            "expires": ((at or _now()) + timedelta(seconds=self.ttl)).isoformat(),
+            "expires": (at + timedelta(seconds=self.ttl)).isoformat(),
         }).encode()
 
     def _write(self, write) -> bool:

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from snapshots.errors import Aborted, ManifestError
+from snapshots.errors import ManifestError, raise_if_aborted
 from snapshots.manifest import utcnow
 from snapshots.repository import Repository
 
@@ -42,9 +42,8 @@ def prune_repository(repo: Repository, *, grace: timedelta, dry_run: bool = Fals
     report = PruneReport(dry_run=dry_run)
 
     def check_abort() -> None:
-        if abort is not None and abort.is_set():
-            raise Aborted(f"prune interrupted after deleting {report.chunks_deleted} unreferenced chunk(s); "
-                          "the others stay until the next prune", hint="Nothing referenced was touched.")
+        raise_if_aborted(abort, f"prune interrupted after deleting {report.chunks_deleted} unreferenced chunk(s); "
+                         "the others stay until the next prune", hint="Nothing referenced was touched.")
 
     with repo.lease("prune", exclusive=True):
         manifests = repo.list_snapshots()

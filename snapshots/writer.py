@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 
 from snapshots import codec
-from snapshots.errors import Aborted, NotFoundError, StatevaultError, StoreError
+from snapshots.errors import NotFoundError, StatevaultError, StoreError, raise_if_aborted
 from snapshots.manifest import ChunkRef, Item, Manifest, new_snapshot_id, utcnow
 
 if TYPE_CHECKING:
@@ -349,4 +349,4 @@ class SnapshotWriter:
     def check_aborted(self, event: threading.Event | None) -> None:
         if event is not None and event.is_set():
             self.abort()
-            raise Aborted(f"backup of {self.source} interrupted before commit; no snapshot was written")
+        raise_if_aborted(event, f"backup of {self.source} interrupted before commit; no snapshot was written")
