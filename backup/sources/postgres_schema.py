@@ -39,6 +39,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from backup.sources.postgres_objects import describe_objects
 from snapshots.errors import NotFoundError, SourceError, StatevaultError
 from snapshots.settings import redact_url
 
@@ -338,6 +339,7 @@ def describe_table(conn, oid: int, schema: str, name: str) -> tuple[dict[str, An
         "constraints": constraints, "foreign_keys": foreign_keys, "indexes": indexes,
         "sequences": sequences, "enums": sorted(enums, key=lambda e: (e["schema"], e["name"])),
         "extensions": sorted(extensions),
+        **describe_objects(conn, oid, qualified),
     }, bytewise_columns(columns)
 
 

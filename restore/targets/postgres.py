@@ -20,7 +20,9 @@ pre-restore snapshot.
 Restore, one explicit transaction per item on one connection (autocommit is on between
 them, so nothing is ever committed implicitly; a failure rolls back to what was there):
 - create: enum types, extensions and sequences, CREATE TABLE, COPY FROM STDIN in batches,
-  then constraints and indexes (faster after the load), OWNED BY, setval.
+  then constraints and indexes (faster after the load), OWNED BY, setval, then comments,
+  row-level security, policies and triggers (after the load: they must not fire for restored
+  rows). A trigger whose function or a policy whose roles are missing is skipped with a note.
 - load / truncate: LOCK the live table, detach the foreign keys touching it, (TRUNCATE),
   COPY, set its sequences, re-attach the keys NOT VALID. The live definition (indexes,
   constraints, privileges, triggers, views) stays; its triggers fire for the loaded rows.
@@ -156,7 +158,8 @@ class PostgresTarget:
                                                   hint="Restore --into a new name, or drop and recreate the views.")
                 if diffs:
                     notes.append(f"recreated with the snapshot's columns ({'; '.join(diffs)})")
-                notes.append("privileges and owner are carried over; triggers, policies and comments are not")
+                notes.append("privileges and owner are carried over from the live table; triggers, policies "
+                             "and comments come from the snapshot")
         enums, extensions, problems = live.check_types(self.conn, spec)
         if problems:
             raise IncompatibleTargetError(f"{target}: {'; '.join(problems)}; nothing was written")
@@ -172,8 +175,13 @@ class PostgresTarget:
                 else:
                     why = "restore --into" if renamed else f"{ref['schema']}.{ref['name']} does not exist"
                     notes.append(f"foreign key {fk['name']} not recreated ({why})")
+        skip_triggers, skip_policies = [], []
+        if method in ("create", "recreate", "stage"):
+            skip_triggers, skip_policies, missing = live.missing_dependencies(self.conn, spec)
+            notes += missing
         details = {"schema": schema, "table": name, "method": method, "enums": enums, "extensions": extensions,
-                   "foreign_keys": foreign_keys, "live_oid": found[0] if found else None}
+                   "foreign_keys": foreign_keys, "live_oid": found[0] if found else None,
+                   "skip_triggers": skip_triggers, "skip_policies": skip_policies}
         selector = [target] if action in ("replace", "swap") else []
         return ItemPlan(item=item, target=target, action=action, live_records=live_records,
                         backup_selector=selector, notes=notes, details=details)
@@ -223,6 +231,9 @@ class PostgresTarget:
         for seq in ddl.owned_sequences(spec):
             live.setval(conn, ddl.sequence_ident(seq, place), seq["last_value"], seq["is_called"])
         self._advance_shared(spec, place)
+        for stmt in ddl.table_objects(spec, place, skip_triggers=frozenset(d.get("skip_triggers", ())),
+                                      skip_policies=frozenset(d.get("skip_policies", ()))):
+            conn.execute(stmt)
 
     def _load_existing(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes],
                        options: RestoreOptions) -> None:

@@ -9,7 +9,9 @@ under another name (`Placement`).
 Order of a load (restore.targets.postgres): extensions, enum types, sequences, CREATE TABLE
 (columns, defaults, identity, generated columns, NOT NULL), COPY, then primary key, unique,
 exclusion and check constraints and indexes (building them once after the load is much
-faster than maintaining them row by row), OWNED BY, setval; foreign keys last.
+faster than maintaining them row by row), OWNED BY, setval, comments, row-level security and
+policies, triggers (created after the load, so they do not fire for the restored rows, as
+with pg_restore); foreign keys last.
 """
 from __future__ import annotations
 
@@ -137,6 +139,47 @@ def after_load(spec: dict[str, Any], place: Placement) -> list[sql.Composed]:
         if not seq["identity"]:
             out.append(sql.SQL("ALTER SEQUENCE {} OWNED BY {}").format(
                 sequence_ident(seq, place), sql.Identifier(place.schema, place.name, seq["owned_by"])))
+    return out
+
+
+def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: frozenset[str] = frozenset(),
+                  skip_policies: frozenset[str] = frozenset()) -> list[sql.Composed]:
+    """Comments, row-level security, policies and triggers (backup.sources.postgres_objects)
+    of the table now at `place`, except the named triggers and policies (their function or
+    roles are missing on the target). Absent from snapshots older than those keys."""
+    table, out = place.table, []
+    comments = spec.get("comments") or {}
+    if comments.get("table") is not None:
+        out.append(sql.SQL("COMMENT ON TABLE {} IS {}").format(table, sql.Literal(comments["table"])))
+    for column, text in (comments.get("columns") or {}).items():
+        out.append(sql.SQL("COMMENT ON COLUMN {} IS {}").format(
+            sql.Identifier(place.schema, place.name, column), sql.Literal(text)))
+    security = spec.get("row_security") or {}
+    if security.get("enabled"):
+        out.append(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))
+    if security.get("forced"):
+        out.append(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(table))
+    for policy in spec.get("policies", []):
+        if policy["name"] in skip_policies:
+            continue
+        roles = sql.SQL(", ").join(sql.SQL("PUBLIC") if r == "public" else sql.Identifier(r) for r in policy["roles"])
+        stmt = sql.SQL("CREATE POLICY {} ON {} AS " + ("PERMISSIVE" if policy["permissive"] else "RESTRICTIVE")
+                       + " FOR " + policy["command"] + " TO {}").format(sql.Identifier(policy["name"]), table, roles)
+        if policy["using"] is not None:
+            stmt += sql.SQL(" USING ({})").format(sql.SQL(policy["using"]))
+        if policy["check"] is not None:
+            stmt += sql.SQL(" WITH CHECK ({})").format(sql.SQL(policy["check"]))
+        out.append(stmt)
+    for trigger in spec.get("triggers", []):
+        if trigger["name"] in skip_triggers:
+            continue
+        name = sql.Identifier(trigger["name"])
+        # catalog text goes in as arguments, never into a template (it may hold braces)
+        out.append(sql.SQL("CREATE " + ("CONSTRAINT " if trigger["constraint"] else "") + "TRIGGER {} {} ON {} {}")
+                   .format(name, sql.SQL(trigger["timing"]), table, sql.SQL(trigger["body"])))
+        state = {"D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}.get(trigger["enabled"])
+        if state:
+            out.append(sql.SQL("ALTER TABLE {} " + state + " TRIGGER {}").format(table, name))
     return out
 
 

@@ -8,6 +8,8 @@
   still read its memory afterwards.
 - Views depending on a table (a recreate or swap would drop or detach them: refused in plan).
 - Types the snapshot needs (enum labels, extensions), checked before anything is written.
+- Trigger functions and policy roles a recreated table needs: missing ones are skipped, with
+  a plan note (the table and its rows do not depend on them).
 - Sequence values: owned sequences are set to the snapshot's value; shared sequences are only
   ever moved forward, since other tables draw from them too.
 """
@@ -182,6 +184,28 @@ def check_types(conn, spec: dict[str, Any]) -> tuple[list[dict], list[str], list
             if found is None:
                 problems.append(f"column {col['name']}: type {col['type']} does not exist on the target")
     return enums, extensions, problems
+
+
+def missing_dependencies(conn, spec: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(triggers, policies, notes): the snapshot's triggers whose function and policies whose
+    roles do not exist on the target. They are skipped, each with a note saying what to create
+    (functions and roles belong to the database, not to the table's snapshot)."""
+    triggers, policies, notes = [], [], []
+    for trigger in spec.get("triggers", []):
+        if conn.execute("SELECT pg_catalog.to_regprocedure(%s)", (trigger["function"],)).fetchone()[0] is None:
+            triggers.append(trigger["name"])
+            notes.append(f"trigger {trigger['name']} not recreated: its function {trigger['function']} does not "
+                         "exist on the target (create the function, then the trigger)")
+    wanted = sorted({r for p in spec.get("policies", []) for r in p["roles"] if r != "public"})
+    have = {r[0] for r in conn.execute("SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY(%s)",
+                                       (wanted,))} if wanted else set()
+    for policy in spec.get("policies", []):
+        lacking = [r for r in policy["roles"] if r != "public" and r not in have]
+        if lacking:
+            policies.append(policy["name"])
+            notes.append(f"policy {policy['name']} not recreated: role(s) {', '.join(lacking)} do not exist on "
+                         "the target (row-level security stays on, so those rows stay hidden, never exposed)")
+    return triggers, policies, notes
 
 
 # --------------------------------------------------------------------------- sequences

@@ -1,0 +1,140 @@
+"""Triggers, row-level security, policies and comments of a PostgreSQL table come back with it
+(backup.sources.postgres_objects), against the session's real PostgreSQL server."""
+from __future__ import annotations
+
+import pytest
+
+from restore.targets.postgres import PostgresTarget
+from snapshots.repository import open_repository
+from tests.integration.test_postgres_store import backup, execute, restore, scalar, schema_of, table_bytes
+from tests.servers import unique_name
+
+FUNCTIONS = """
+CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.note := 'fired'; RETURN NEW; END $$;
+CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO audit_log VALUES (TG_OP, NEW.id); RETURN NEW; END $$;
+"""
+
+TABLE = """
+CREATE TABLE audit_log (op text, id int);
+CREATE TABLE memories (id int PRIMARY KEY, owner text NOT NULL, labels text[] NOT NULL DEFAULT '{{}}', note text);
+INSERT INTO memories SELECT g, CASE WHEN g % 2 = 0 THEN 'alice' ELSE 'bob' END,
+                            ARRAY['l' || g], 'as backed up' FROM generate_series(1, 50) g;
+-- each would change or copy the restored rows if it fired during the load
+CREATE TRIGGER memories_stamp BEFORE INSERT OR UPDATE OF owner ON memories FOR EACH ROW EXECUTE FUNCTION stamp();
+CREATE TRIGGER memories_audit AFTER INSERT ON memories FOR EACH ROW
+    WHEN (NEW.labels <> '{{}}'::text[]) EXECUTE FUNCTION audit();
+CREATE TRIGGER memories_paused BEFORE DELETE ON memories FOR EACH ROW EXECUTE FUNCTION stamp();
+ALTER TABLE memories DISABLE TRIGGER memories_paused;
+COMMENT ON TABLE memories IS 'the agent''s long-term memory';
+COMMENT ON COLUMN memories.note IS 'free text {{kept}}';
+ALTER TABLE memories ENABLE ROW LEVEL SECURITY;
+ALTER TABLE memories FORCE ROW LEVEL SECURITY;
+CREATE POLICY own_rows ON memories FOR SELECT TO {role} USING (owner = current_user);
+CREATE POLICY no_bob ON memories AS RESTRICTIVE FOR ALL TO PUBLIC USING (owner <> 'mallory')
+    WITH CHECK (owner <> 'mallory');
+"""
+
+
+@pytest.fixture(scope="module")
+def _roles(pg_server):
+    """Roles are server-wide and a policy in any database keeps its role alive: they are
+    dropped at the end of the module, after every test's databases are gone."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        execute(pg_server.url, f"DROP ROLE IF EXISTS {name}")
+
+
+@pytest.fixture
+def role(pg_server, _roles):
+    name = unique_name("agent_reader")
+    execute(pg_server.url, f"CREATE ROLE {name}")
+    _roles.append(name)
+    return name
+
+
+@pytest.fixture
+def target_url(pg_database):
+    return pg_database("svobjects")
+
+
+def _objects(url: str, table: str = "memories") -> dict:
+    spec = schema_of(url, "public", table)
+    return {k: spec[k] for k in ("triggers", "row_security", "policies", "comments")}
+
+
+def _populate(url: str, role: str) -> None:
+    execute(url, FUNCTIONS)
+    execute(url, TABLE.format(role=role))
+
+
+def test_objects_are_captured_and_recreated_after_the_load(pg_url, target_url, file_repo_url, role):
+    _populate(pg_url, role)
+    captured = _objects(pg_url)
+    assert [t["name"] for t in captured["triggers"]] == ["memories_audit", "memories_paused", "memories_stamp"]
+    assert {t["name"]: t["enabled"] for t in captured["triggers"]}["memories_paused"] == "D"
+    assert captured["row_security"] == {"enabled": True, "forced": True}
+    assert {p["name"]: (p["permissive"], p["command"], p["roles"]) for p in captured["policies"]} == {
+        "no_bob": (False, "ALL", ["public"]), "own_rows": (True, "SELECT", [role])}
+    assert captured["comments"] == {"table": "the agent's long-term memory", "columns": {"note": "free text {kept}"}}
+
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url, tables=["public.memories"])
+    execute(target_url, FUNCTIONS + "CREATE TABLE audit_log (op text, id int);")
+    [plan] = restore(target_url, repo, manifest)
+    assert plan.notes == []
+    # the triggers were created after the COPY: no row says 'fired', nothing was audited
+    assert table_bytes(target_url, "memories", "id") == table_bytes(pg_url, "memories", "id")
+    assert scalar(target_url, "SELECT count(*) FROM audit_log") == 0
+    assert _objects(target_url) == captured
+    # and they work for new rows
+    execute(target_url, "INSERT INTO memories VALUES (100, 'carol', '{x}', 'new')")
+    assert scalar(target_url, "SELECT note FROM memories WHERE id = 100") == "fired"
+    assert scalar(target_url, "SELECT count(*) FROM audit_log") == 1
+
+    # under another name in the same database (restore --into): on the copy, the live table keeps its own
+    restore(pg_url, repo, manifest, into="public.memories_copy")
+    assert _objects(pg_url, "memories_copy") == captured
+    assert _objects(pg_url) == captured
+
+
+def test_a_swap_keeps_the_snapshots_objects(pg_url, file_repo_url, role):
+    _populate(pg_url, role)
+    captured = _objects(pg_url)
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url, tables=["public.memories"])
+    # a bad deploy: the triggers, a policy and the comments are gone, and rows changed
+    execute(pg_url, "DROP TRIGGER memories_stamp ON memories; DROP TRIGGER memories_audit ON memories;"
+                    "DROP POLICY own_rows ON memories; COMMENT ON TABLE memories IS NULL;"
+                    "ALTER TABLE memories NO FORCE ROW LEVEL SECURITY; DELETE FROM memories WHERE id > 40")
+    [plan] = restore(pg_url, repo, manifest, mode="swap")
+    assert any("come from the snapshot" in n for n in plan.notes)
+    assert _objects(pg_url) == captured
+    assert scalar(pg_url, "SELECT count(*) FROM memories") == 50
+
+
+def test_missing_function_or_role_skips_that_object_with_a_note(pg_url, target_url, file_repo_url, role):
+    _populate(pg_url, role)
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url, tables=["public.memories"])
+    execute(pg_url, f"DROP TABLE memories; DROP ROLE {role}")  # the role is gone from the whole server
+
+    target = PostgresTarget(target_url)  # a fresh database: no trigger functions either
+    try:
+        [plan] = target.plan(manifest, only=[], into=None, mode="new")
+    finally:
+        target.close()
+    notes = " | ".join(plan.notes)
+    for name in ("memories_audit", "memories_paused", "memories_stamp"):
+        assert f"trigger {name} not recreated: its function public." in notes
+    assert f"policy own_rows not recreated: role(s) {role} do not exist" in notes
+    assert "policy no_bob" not in notes  # PUBLIC always exists
+
+    restore(target_url, repo, manifest)  # verified by read-back inside
+    got = _objects(target_url)
+    assert got["triggers"] == []
+    assert [p["name"] for p in got["policies"]] == ["no_bob"]
+    assert got["row_security"] == {"enabled": True, "forced": True}  # stricter without the policy, never looser
+    assert got["comments"]["table"] == "the agent's long-term memory"
