@@ -24,8 +24,10 @@ them, so nothing is ever committed implicitly; a failure rolls back to what was 
   row-level security, policies and triggers (after the load: they must not fire for restored
   rows). A trigger whose function or a policy whose roles are missing is skipped with a note.
 - load / truncate: LOCK the live table, detach the foreign keys touching it, (TRUNCATE),
-  COPY, set its sequences, re-attach the keys NOT VALID. The live definition (indexes,
-  constraints, privileges, triggers, views) stays; its triggers fire for the loaded rows.
+  switch its enabled triggers off, COPY, switch them back to their exact state, set its
+  sequences, re-attach the keys NOT VALID. The live definition (indexes, constraints,
+  privileges, triggers, policies, views) stays. A role that does not own the table cannot
+  switch triggers off: they fire for the loaded rows (a plan note says so).
 - sequences: those the table owns are set to the snapshot's position; shared sequences its
   defaults call are only moved forward (other tables draw from them).
 - recreate: capture privileges, DROP the live table and create it from the snapshot.
@@ -179,6 +181,14 @@ class PostgresTarget:
         if method in ("create", "recreate", "stage"):
             skip_triggers, skip_policies, missing = live.missing_dependencies(self.conn, spec)
             notes += missing
+        elif found is not None:
+            triggers, owner = live.live_triggers(self.conn, found[0])
+            names = ", ".join(n for n, _ in triggers)
+            if triggers and owner:
+                notes.append(f"live triggers {names} are switched off for the load and back on after it")
+            elif triggers:
+                notes.append(f"live triggers {names} fire for the restored rows: this role does not own "
+                             f"{target}, so it cannot switch them off (verification will show what they changed)")
         details = {"schema": schema, "table": name, "method": method, "enums": enums, "extensions": extensions,
                    "foreign_keys": foreign_keys, "live_oid": found[0] if found else None,
                    "skip_triggers": skip_triggers, "skip_policies": skip_policies}
@@ -247,7 +257,14 @@ class PostgresTarget:
         live.detach(conn, fks)
         if plan.details["method"] == "truncate":
             conn.execute(sql.SQL("TRUNCATE ONLY {}").format(place.table))
+        triggers, owner = live.live_triggers(conn, oid)
+        if not owner:
+            triggers = []
+        for name, _ in triggers:  # as pg_restore --disable-triggers; nobody sees it (we hold the lock)
+            conn.execute(ddl.trigger_state(place.table, name, "D"))
         self._copy_in(plan, place.table, records, options)
+        for name, state in triggers:
+            conn.execute(ddl.trigger_state(place.table, name, state))
         table_sql = place.table.as_string(conn)
         for seq in ddl.owned_sequences(spec):
             name = live.serial_sequence(conn, table_sql, seq["owned_by"])

@@ -177,10 +177,16 @@ def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: froz
         # catalog text goes in as arguments, never into a template (it may hold braces)
         out.append(sql.SQL("CREATE " + ("CONSTRAINT " if trigger["constraint"] else "") + "TRIGGER {} {} ON {} {}")
                    .format(name, sql.SQL(trigger["timing"]), table, sql.SQL(trigger["body"])))
-        state = {"D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}.get(trigger["enabled"])
-        if state:
-            out.append(sql.SQL("ALTER TABLE {} " + state + " TRIGGER {}").format(table, name))
+        if trigger["enabled"] != "O":
+            out.append(trigger_state(table, trigger["name"], trigger["enabled"]))
     return out
+
+
+def trigger_state(table: sql.Composable, name: str, enabled: str) -> sql.Composed:
+    """ALTER TABLE ... {ENABLE|DISABLE|ENABLE REPLICA|ENABLE ALWAYS} TRIGGER: pg_trigger.tgenabled
+    O, D, R or A."""
+    state = {"O": "ENABLE", "D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[enabled]
+    return sql.SQL("ALTER TABLE {} " + state + " TRIGGER {}").format(table, sql.Identifier(name))
 
 
 def copy_in(spec: dict[str, Any], table: sql.Identifier) -> sql.Composed:

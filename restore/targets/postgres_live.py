@@ -8,6 +8,10 @@
   still read its memory afterwards.
 - Views depending on a table (a recreate or swap would drop or detach them: refused in plan).
 - Types the snapshot needs (enum labels, extensions), checked before anything is written.
+- Triggers of a live table that is loaded into (replace with the same columns): switched off
+  for the load and back to their exact state after it, in the same transaction, as
+  `pg_restore --disable-triggers` (a restore puts rows back; an audit or `updated_at` trigger
+  firing for them would change them and fail the verification).
 - Trigger functions and policy roles a recreated table needs: missing ones are skipped, with
   a plan note (the table and its rows do not depend on them).
 - Sequence values: owned sequences are set to the snapshot's value; shared sequences are only
@@ -206,6 +210,16 @@ def missing_dependencies(conn, spec: dict[str, Any]) -> tuple[list[str], list[st
             notes.append(f"policy {policy['name']} not recreated: role(s) {', '.join(lacking)} do not exist on "
                          "the target (row-level security stays on, so those rows stay hidden, never exposed)")
     return triggers, policies, notes
+
+
+def live_triggers(conn, oid: int) -> tuple[list[tuple[str, str]], bool]:
+    """([(name, tgenabled)] of the live table's own enabled triggers, whether this role may
+    switch them off (it owns the table, directly or through a role it is a member of))."""
+    rows = conn.execute("SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = %s "
+                        "AND NOT tgisinternal AND tgenabled <> 'D' ORDER BY tgname", (oid,)).fetchall()
+    owner = conn.execute("SELECT pg_catalog.pg_has_role(relowner, 'USAGE') FROM pg_catalog.pg_class "
+                         "WHERE oid = %s", (oid,)).fetchone()[0]
+    return [(str(n), str(e)) for n, e in rows], bool(owner)
 
 
 # --------------------------------------------------------------------------- sequences

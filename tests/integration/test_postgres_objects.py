@@ -138,3 +138,24 @@ def test_missing_function_or_role_skips_that_object_with_a_note(pg_url, target_u
     assert [p["name"] for p in got["policies"]] == ["no_bob"]
     assert got["row_security"] == {"enabled": True, "forced": True}  # stricter without the policy, never looser
     assert got["comments"]["table"] == "the agent's long-term memory"
+
+
+def test_replace_into_the_live_table_does_not_fire_its_triggers(pg_url, file_repo_url, role):
+    _populate(pg_url, role)
+    execute(pg_url, "CREATE TRIGGER memories_always BEFORE INSERT ON memories FOR EACH ROW EXECUTE FUNCTION stamp();"
+                    "ALTER TABLE memories ENABLE ALWAYS TRIGGER memories_always")
+    before = _objects(pg_url)
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url, tables=["public.memories"])
+    snap = table_bytes(pg_url, "memories", "id")
+    execute(pg_url, "SET search_path = public; DELETE FROM memories WHERE id > 10; DELETE FROM audit_log")
+
+    [plan] = restore(pg_url, repo, manifest, mode="replace")  # verified by read-back inside
+    assert plan.details["method"] == "truncate"
+    assert any("live triggers memories_always, memories_audit, memories_stamp are switched off" in n
+               for n in plan.notes)
+    assert table_bytes(pg_url, "memories", "id") == snap  # no 'fired' notes
+    assert scalar(pg_url, "SELECT count(*) FROM audit_log") == 0
+    assert _objects(pg_url) == before  # every trigger back in its state: O, D and A
+    execute(pg_url, "SET search_path = public; INSERT INTO memories VALUES (100, 'carol', '{x}', 'new')")
+    assert scalar(pg_url, "SELECT note FROM memories WHERE id = 100") == "fired"
