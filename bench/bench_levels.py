@@ -10,7 +10,7 @@ For each kind, --mib MiB of records made by our own encoders from data shaped li
 benches' (bench_postgres / bench_redis / bench_qdrant), cut into 1 MiB pieces (a chunk's
 size), compressed one piece at a time on one thread, as the upload pool does:
 - postgres: COPY text lines of ~200-byte text, a small jsonb object and a timestamp;
-- redis: redis-jsonl-v1 string records of ~1 KB JSON values with an expiry (encode_record);
+- redis: redis-jsonl-v2 string records of ~1 KB JSON values with an expiry (encode_record);
 - qdrant: qdrant-points-jsonl-v1 records of 384-dim unit vectors and a ~200-byte payload
   (PointEncoder, server form).
 Prints MB/s (uncompressed bytes per second) and the compression ratio per level; the kind's

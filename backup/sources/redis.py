@@ -1,4 +1,4 @@
-"""Redis / Valkey source: every key matching the configured patterns, as `redis-jsonl-v1`
+"""Redis / Valkey source: every key matching the configured patterns, as `redis-jsonl-v2`
 records (see redis_records.py for the format), one snapshot item per pattern.
 
 How a cut is read
@@ -83,6 +83,8 @@ class RedisCut:
             yield from (self.reader.read_blocks(keys) if blocks else self.reader.read(keys))
             self.source_info["scan_finished_at"] = _iso(server_time_ms(self.client))
         self.source_info["skipped_keys"] = dict(self.reader.skipped)
+        if self.reader.dropped_pending:
+            self.source_info["dropped_pending_entries"] = self.reader.dropped_pending
 
     def records(self, item: ItemSpec) -> Iterator[bytes]:
         for record, _ in self._stream(item):

@@ -1,4 +1,5 @@
-"""Reading keys into `redis-jsonl-v1` records (redis_records.py), a pipelined batch at a time.
+"""Reading keys into `redis-jsonl-v2` records (redis_records.py), a pipelined batch at a time
+(`group_state=False`: v1 streams, to verify a v1 snapshot).
 
 Shared by the Redis source and the Redis target's read-back, so both sides produce the same
 canonical records from the same data.
@@ -32,9 +33,9 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import orjson
 
-from backup.sources.redis_client import ServerInfo, ReplyPipe, _pack, execute_packed, raise_first_error
+from backup.sources.redis_client import ServerInfo, ReplyPipe, _pack, execute_many, execute_packed, raise_first_error
 from backup.sources.redis_records import (PART_SIZE, TYPES, encode_record, enc, flat_to_dict, list_value,
-                                          pairs_value, stream_entries, stream_groups, zset_value)
+                                          pairs_value, pending_value, stream_entries, stream_groups, zset_value)
 
 log = logging.getLogger("statevault.backup.redis")
 
@@ -106,10 +107,13 @@ class Segment(NamedTuple):
 class KeyReader:
     """Turns sorted key names into records (see the module docstring)."""
 
-    def __init__(self, client, info: ServerInfo, *, batch_size: int = BATCH_SIZE, part_size: int | None = None):
+    def __init__(self, client, info: ServerInfo, *, batch_size: int = BATCH_SIZE, part_size: int | None = None,
+                 group_state: bool = True):
         self.client, self.info = client, info
         self.batch_size, self.part = batch_size, part_size or PART_SIZE
+        self.group_state = group_state  # False: redis-jsonl-v1 streams (no consumers, no pending parts)
         self.skipped: dict[str, int] = {}
+        self.dropped_pending = 0  # pending entries of messages gone from their stream
         n = self.part
         # (prefix, suffix) around a collection key's bulk string: its one fetch command
         self._fetch = {
@@ -370,21 +374,61 @@ class KeyReader:
 
     def _stream(self, key: bytes, x: int | None, info: list, groups: list, entries: list) -> Iterator[Record]:
         n = self.part
-        meta = {"last_id": flat_to_dict(info)["last-generated-id"].decode("ascii"), "groups": stream_groups(groups)}
-        if len(entries) <= n:
+        consumers, pending, piece = None, iter(()), None
+        if self.group_state:
+            consumers = {}
+            for g in groups:
+                name = flat_to_dict(g)["name"]
+                consumers[name] = [flat_to_dict(c)["name"] for c in
+                                   self.client.execute_command("XINFO", "CONSUMERS", key, name)]
+            # the first piece decides whether the stream has parts (pending entries of deleted
+            # messages are left out, so XINFO's pending counts cannot)
+            pending = _pieces(self._pending(key, sorted(consumers)), n)
+            piece = next(pending, None)
+        meta = {"last_id": flat_to_dict(info)["last-generated-id"].decode("ascii"),
+                "groups": stream_groups(groups, consumers)}
+        if len(entries) <= n and piece is None:
             yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x)
             return
-        entries = entries[:n]
+        more, entries = len(entries) > n, entries[:n]
         yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x, 0)
         p = 1
-        while entries:
-            last = entries[-1][0]
-            entries = self.client.execute_command("XRANGE", key, b"(" + last, "+", "COUNT", n)
+        while more:
+            entries = self.client.execute_command("XRANGE", key, b"(" + entries[-1][0], "+", "COUNT", n)
             if entries:
                 yield encode_record(key, "stream", {"entries": stream_entries(entries)}, x, p)
-            if len(entries) < n:
-                return
+                p += 1
+            more = len(entries) == n
+        while piece is not None:
+            yield encode_record(key, "stream", pending_value(piece), x, p)
             p += 1
+            piece = next(pending, None)
+
+    def _pending(self, key: bytes, groups: list[bytes]) -> Iterator[tuple[bytes, bytes, bytes, int]]:
+        """(group, id, consumer, deliveries) of every pending entry whose message still exists,
+        by group then id: XPENDING a page at a time, each page's ids checked with XRANGE."""
+        n = self.part
+        for group in groups:
+            start = b"-"
+            while True:
+                page = self.client.execute_command("XPENDING", key, group, start, "+", n)
+                if not page:
+                    break
+                found = execute_many(self.client, [("XRANGE", key, row[0], row[0]) for row in page])
+                for row, hit in zip(page, raise_first_error(found)):
+                    if hit:
+                        yield group, row[0], row[1], row[3]
+                    else:
+                        self.dropped_pending += 1
+                if len(page) < n:
+                    break
+                start = b"(" + page[-1][0]
+
+
+def _pieces(rows: Iterator, n: int) -> Iterator[list]:
+    it = iter(rows)
+    while piece := list(islice(it, n)):
+        yield piece
 
 
 def _pttl_payload(bulks: list[bytes]) -> bytes:

@@ -1,8 +1,9 @@
-"""The `redis-jsonl-v1` record format: one Redis key per JSON line, portable across versions.
+"""The `redis-jsonl-v2` record format: one Redis key per JSON line, portable across versions.
 
 Records are NOT `DUMP` payloads: those carry an RDB version and do not restore into older
 servers (a Redis 7 dump is refused by 6.2). Instead every key is written out as plain data
-that plain commands (SET, RPUSH, HSET, SADD, ZADD, XADD) recreate on Redis >= 6.2 and Valkey.
+that plain commands (SET, RPUSH, HSET, SADD, ZADD, XADD, XGROUP, XCLAIM) recreate on
+Redis >= 6.2 and Valkey.
 
 A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exactly this order:
 
@@ -25,16 +26,28 @@ A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exac
             and the same whatever text format the server used
     stream  {"entries": [[id, [field, value, field, value, ...]], ...] in id order,
              "last_id": the stream's last-generated-id,
-             "groups": [[name, last-delivered-id], ...] sorted by name}
-            Consumer groups keep only their name and position: consumers, pending entry lists,
-            entries-read/lag and the 7.0 counters (entries-added, max-deleted-entry-id) are not
-            stored (re-creating a PEL needs XCLAIM games and is not portable).
+             "groups": [[name, last-delivered-id, [consumer, ...]], ...] sorted by name, each
+                       group's consumers sorted by raw bytes}
+            then, when any group has pending entries, parts holding the pending entry lists:
+            {"pending": [[group, id, consumer, deliveries], ...]} sorted by group, then id.
+            A pending entry whose message is gone from the stream (XDEL, XTRIM) is left out:
+            no command can recreate it, and Redis 7 drops such entries itself on XAUTOCLAIM.
+            Not stored: a pending entry's idle time (it restarts at the restore: the entry
+            looks freshly delivered, to the same consumer with the same delivery count), a
+            consumer's idle/seen time, a group's entries-read/lag and the 7.0 stream counters
+            (entries-added, max-deleted-entry-id): none of them exists on 6.2.
 - Large collections are split so no record holds more than PART_SIZE elements (list
-  elements, hash pairs, set members, zset pairs, stream entries): a key with more than
-  PART_SIZE elements becomes consecutive records with "p": 0, 1, 2, ... holding elements
-  [p*PART_SIZE, (p+1)*PART_SIZE) of the order above; every part repeats "k", "t" and "x"; a
-  stream's "last_id" and "groups" are only in part 0. A key that fits has no "p".
+  elements, hash pairs, set members, zset pairs, stream entries, pending entries): a key with
+  more than PART_SIZE elements becomes consecutive records with "p": 0, 1, 2, ... holding
+  elements [p*PART_SIZE, (p+1)*PART_SIZE) of the order above; every part repeats "k", "t" and
+  "x"; a stream's "last_id" and "groups" are only in part 0, its pending parts follow its
+  entry parts, and a stream with pending entries always has parts. A key that fits in one
+  record has no "p".
 - Within an item, records are sorted by the key's raw bytes, then by part.
+
+`redis-jsonl-v1` (snapshots taken before consumer state was kept) is the same without
+consumers (groups are [name, last-delivered-id]) and without pending parts. It restores as
+before, and its verification reads the target back in v1 form.
 
 Not kept: per-field hash TTLs (Redis 7.4+/Valkey 9 HEXPIRE), module types (skipped and counted
 by the source), the key's LRU/LFU data and encoding.
@@ -55,7 +68,9 @@ from typing import Any
 
 import orjson
 
-FORMAT = "redis-jsonl-v1"
+FORMAT = "redis-jsonl-v2"
+FORMAT_V1 = "redis-jsonl-v1"  # no consumers, no pending parts
+FORMATS = (FORMAT_V1, FORMAT)
 TYPES = ("string", "list", "hash", "set", "zset", "stream")
 PART_SIZE = 10_000
 
@@ -210,9 +225,19 @@ def flat_to_dict(flat: list) -> dict:
             for i in range(0, len(flat) - 1, 2)}
 
 
-def stream_groups(raw_groups: list) -> list:
+def stream_groups(raw_groups: list, consumers: dict[bytes, list[bytes]] | None = None) -> list:
+    """XINFO GROUPS to the record's groups, sorted by name; with `consumers` (name -> the
+    group's consumer names) in the v2 form, else in the v1 form."""
     groups = []
     for g in raw_groups:
         d = flat_to_dict(g)
         groups.append((d["name"], d["last-delivered-id"]))
-    return [[enc(name), last.decode("ascii")] for name, last in sorted(groups)]
+    if consumers is None:
+        return [[enc(name), last.decode("ascii")] for name, last in sorted(groups)]
+    return [[enc(name), last.decode("ascii"), [enc(c) for c in sorted(consumers.get(name, ()))]]
+            for name, last in sorted(groups)]
+
+
+def pending_value(rows: list[tuple[bytes, bytes, bytes, int]]) -> dict:
+    """(group, id, consumer, deliveries) rows, in order, to a pending part's value."""
+    return {"pending": [[enc(g), i.decode("ascii"), enc(c), int(n)] for g, i, c, n in rows]}

@@ -1,7 +1,8 @@
-"""Redis / Valkey target: writes `redis-jsonl-v1` records back with plain commands.
+"""Redis / Valkey target: writes `redis-jsonl-v2` (and v1) records back with plain commands.
 
 No RESTORE/DUMP: values are recreated with SET, RPUSH, HSET, SADD, ZADD and XADD (explicit
-ids, then XSETID and XGROUP CREATE), so a snapshot of Redis 7 or Valkey 9 restores into 6.2.
+ids, then XSETID, XGROUP CREATE and CREATECONSUMER, and XCLAIM ... FORCE for each pending
+entry), so a snapshot of Redis 7 or Valkey 9 restores into 6.2.
 
 Scope. Each snapshot item (a key pattern) covers, on the target, the keys matching its pattern
 and no earlier item's pattern, restricted to `only` when given (and to the snapshot's own
@@ -42,7 +43,7 @@ from backup.sources.redis import KeyReader, read_scope
 from backup.sources.redis_client import (connect, execute_many, raise_first_error, redis_errors, server_info,
                                          server_time_ms)
 from backup.sources.redis_keys import KeyMatcher, NameSorter, Scope, selector_may_match, sorted_minus
-from backup.sources.redis_records import (FORMAT, PART_SIZE, canonical, dec, dec_bytes, display_key,
+from backup.sources.redis_records import (FORMAT_V1, FORMATS, PART_SIZE, canonical, dec, dec_bytes, display_key,
                                           record_expiry, record_key)
 from restore.targets.base import ItemPlan, RestoreOptions
 from snapshots.errors import IncompatibleTargetError, TargetNotEmptyError, UsageError
@@ -117,9 +118,9 @@ class RedisTarget:
             raise UsageError("--into is not supported for Redis (keys are restored under their own names)",
                              hint="Restore into another DB index or server with --to redis://host:port/N.")
         for item in manifest.items:
-            if item.format != FORMAT:
+            if item.format not in FORMATS:
                 raise IncompatibleTargetError(f"item {item.name!r} has format {item.format!r}; the Redis "
-                                              f"target restores {FORMAT}")
+                                              f"target restores {' and '.join(FORMATS)}")
         selectors = list(only or [])
         client, info = self.connection()
         plans: list[ItemPlan] = []
@@ -214,7 +215,8 @@ class RedisTarget:
     def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
         # scroll / sorted key order costs nothing extra here: `ordered` changes nothing
         client, info = self.connection()
-        reader = KeyReader(client, info, part_size=plan.details["part_size"])
+        reader = KeyReader(client, info, part_size=plan.details["part_size"],
+                           group_state=plan.item.format != FORMAT_V1)
         with redis_errors(f"{self.what}, reading back {plan.item.name!r}"):
             for record, _ in read_scope(client, info, self.scope(plan), reader):
                 yield record
@@ -287,6 +289,15 @@ class _KeyWriter:
                 cmd(("SADD", key, *[dec(m) for m in v]))
             elif kind == "zset":
                 cmd(("ZADD", key, *[a for member, score in v for a in (score, dec(member))]))
+            elif kind == "stream" and "pending" in v:
+                # pending parts follow the entry parts: the groups must exist first
+                if stream_meta is not None:
+                    self._finish_stream(cmd, current, stream_meta)
+                    stream_meta = None
+                for group, eid, consumer, deliveries in v["pending"]:
+                    # FORCE creates the PEL entry, JUSTID leaves the count at RETRYCOUNT
+                    cmd(("XCLAIM", key, dec(group), dec(consumer), 0, eid, "RETRYCOUNT", deliveries, "FORCE",
+                         "JUSTID"))
             elif kind == "stream":
                 for eid, fields in v["entries"]:
                     cmd(("XADD", key, eid, *[dec(f) for f in fields]))
@@ -304,7 +315,7 @@ class _KeyWriter:
                 elif x is not None and self.ttl == "reset":
                     cmd(("PEXPIRE", key, max(1, x - self.cut_ms)))
             nrec += 1
-            nargs += len(v) if kind != "stream" else len(v["entries"])
+            nargs += len(v) if kind != "stream" else len(v.get("entries") or v.get("pending") or ())
             if nrec >= self.batch_size or nargs >= _MAX_ARGS:
                 self._execute(commands)
                 nrec = nargs = 0
@@ -321,5 +332,7 @@ class _KeyWriter:
     def _finish_stream(cmd, key: bytes, meta: tuple[str, list]) -> None:
         last_id, groups = meta
         cmd(("XSETID", key, last_id))
-        for name, delivered in groups:
+        for name, delivered, *consumers in groups:  # v1: [name, id]; v2: [name, id, [consumer, ...]]
             cmd(("XGROUP", "CREATE", key, dec(name), delivered))
+            for consumer in (consumers[0] if consumers else ()):
+                cmd(("XGROUP", "CREATECONSUMER", key, dec(name), dec(consumer)))

@@ -59,11 +59,23 @@ def typed_dump(url: str) -> dict:
         elif kind == "zset":
             value = c.zrange(key, 0, -1, withscores=True)
         else:
-            groups = sorted((g["name"], g["last-delivered-id"]) for g in c.xinfo_groups(key))
-            value = (c.xrange(key), c.xinfo_stream(key)["last-generated-id"], groups)
+            value = (c.xrange(key), c.xinfo_stream(key)["last-generated-id"], stream_groups(c, key))
         out[key] = (kind, value, expiry_ms(c, key))
     c.close()
     return out
+
+
+def stream_groups(c: redis.Redis, key) -> list:
+    """Each group's name, last-delivered id, consumer names and pending entries (id, consumer,
+    delivery count) of messages still in the stream (idle times restart at a restore)."""
+    ids = {entry[0] for entry in c.xrange(key)}
+    groups = []
+    for g in c.xinfo_groups(key):
+        consumers = sorted(x["name"] for x in c.xinfo_consumers(key, g["name"]))
+        pending = [(p["message_id"], p["consumer"], p["times_delivered"])
+                   for p in c.xpending_range(key, g["name"], "-", "+", 100_000) if p["message_id"] in ids]
+        groups.append((g["name"], g["last-delivered-id"], consumers, pending))
+    return sorted(groups)
 
 
 def assert_same_state(expected: dict, actual: dict) -> None:
@@ -100,6 +112,16 @@ def fill(url: str) -> None:
     c.xgroup_create("stream:s", "late", id="$")
     for i in range(120):
         c.xadd("stream:big", {"n": str(i)}, id=f"{i + 1}-0")
+    # consumer-group state: pending entries with delivery counts, an idle consumer, a binary
+    # consumer name, and a pending entry whose message was deleted (not kept: nothing can recreate it)
+    c.xgroup_create("stream:big", "workers", id="0")
+    c.xreadgroup("workers", "alice", {"stream:big": ">"}, count=80)
+    c.xack("stream:big", "workers", *[f"{i}-0" for i in range(1, 11)])
+    c.xclaim("stream:big", "workers", "bob", 0, [f"{i}-0" for i in range(11, 16)])
+    c.execute_command("XCLAIM", "stream:big", "workers", "bob", 0, "12-0", "RETRYCOUNT", 7)
+    c.execute_command("XGROUP", "CREATECONSUMER", "stream:big", "workers", "carol")
+    c.execute_command("XGROUP", "CREATECONSUMER", "stream:s", "readers", b"\xffbin")
+    c.xdel("stream:big", "20-0")
     c.xadd("stream:empty", {"a": "1"}, id="9-9")
     c.xdel("stream:empty", "9-9")
     for key, ms in [("zset:z", 7_200_000), ("hash:h", 5_000_000), ("list:big", 5_000_000),

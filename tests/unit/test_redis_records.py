@@ -1,4 +1,4 @@
-"""The redis-jsonl-v1 record helpers and key-name sorting: pure logic, no server."""
+"""The redis-jsonl record helpers and key-name sorting: pure logic, no server."""
 from __future__ import annotations
 
 import orjson
