@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from backup.job import snapshot_source
 from restore.targets import open_target
 from restore.targets.base import ItemPlan, RestoreOptions
-from restore.verify import ItemCheck, diff_sorted, digest_of
+from restore.verify import ItemCheck, diff_sorted, digest_concurrently, digest_of
 from snapshots.codec import RecordDigest
 from snapshots.errors import CorruptChunkError, UsageError, VerificationError
 from snapshots.repository import Repository
@@ -186,8 +186,13 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
                                     f"({tee.digest.count} records read, {exp_count} recorded)")
     canon = _canonical(target, plan)
     identity = getattr(target, "canonical_is_identity", False)
-    count, digest = digest_of(target.read_back(plan, ordered=False), None if identity else canon,
-                              algo=item.digest_algo)
+    parts = getattr(target, "read_back_parts", None)
+    streams = parts(plan) if parts is not None else None
+    if streams:  # read concurrently by several server processes (PostgreSQL, big tables)
+        count, digest = digest_concurrently(streams, None if identity else canon, algo=item.digest_algo)
+    else:
+        count, digest = digest_of(target.read_back(plan, ordered=False), None if identity else canon,
+                                  algo=item.digest_algo)
     check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
     ttl_check = getattr(target, "verify_ttls", None)
     if ttl_check is not None and check.ok:

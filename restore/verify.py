@@ -51,6 +51,26 @@ def digest_of(records: Iterable[bytes], canonical: Callable[[bytes], bytes] | No
     return d.count, d.hexdigest
 
 
+def digest_concurrently(streams: list[Iterable[bytes]], canonical: Callable[[bytes], bytes] | None = None, *,
+                        algo: str | None = None) -> tuple[int, str]:
+    """`digest_of` the records of several streams together, each read in its own thread (a
+    table read back in page ranges by several server processes). The digest is a sum, so the
+    parts' digests add up to the whole's. The first error of any stream is raised, after
+    every thread has stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(records: Iterable[bytes]) -> RecordDigest:
+        d = RecordDigest(algo) if algo else RecordDigest()
+        return d.update(records if canonical is None else map(canonical, records))
+
+    with ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="verify") as pool:
+        futures = [pool.submit(one, s) for s in streams]
+    total = RecordDigest(algo) if algo else RecordDigest()
+    for f in futures:
+        total.merge(f.result())
+    return total.count, total.hexdigest
+
+
 def _sorted_pairs(records: Iterable[bytes], key: Callable[[bytes], Any]) -> Iterator[tuple[Any, bytes]]:
     for r in records:
         yield key(r), r

@@ -170,6 +170,17 @@ class RecordDigest:
             self.add_hashes(b"".join(map(h, block)), len(block), sum(map(len, block)))
         return self
 
+    def merge(self, other: "RecordDigest") -> "RecordDigest":
+        """Add the records `other` counted (same algorithm): the digest is a sum, so records
+        counted in parts, in any order, give the digest of the whole."""
+        if other.algo != self.algo:
+            raise ValueError(f"cannot merge a {other.algo} digest into a {self.algo} one")
+        other._fold()
+        self._acc += other._acc
+        self.count += other.count
+        self.nbytes += other.nbytes
+        return self
+
     def _fold(self) -> None:
         if self._pending:
             self._acc += sum_hashes(b"".join(self._pending))

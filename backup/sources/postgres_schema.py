@@ -379,17 +379,17 @@ def order_by_sql(order: list[dict[str, str]], bytewise: set[str]):
 
 
 def copy_out_sql(schema_dict: dict[str, Any], target_schema: str, target_name: str, bytewise: set[str],
-                 ordered: bool = True):
-    """COPY (SELECT <copy columns> FROM ONLY tbl ORDER BY <key>) TO STDOUT, text format.
+                 ordered: bool = True, where=None):
+    """COPY (SELECT <copy columns> FROM ONLY tbl [WHERE ...] ORDER BY <key>) TO STDOUT, text.
 
     `ordered=False` drops the ORDER BY: enough for the order-independent digest, and a plain
     sequential scan instead of a sort or index walk (verification after a restore)."""
     from psycopg import sql
 
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in schema_dict["copy_columns"])
-    tail = sql.SQL("")
+    tail = sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where)
     if ordered and schema_dict["order_by"]:
-        tail = sql.SQL(" ORDER BY {}").format(order_by_sql(schema_dict["order_by"], bytewise))
+        tail += sql.SQL(" ORDER BY {}").format(order_by_sql(schema_dict["order_by"], bytewise))
     # ONLY: rows of inheritance children are their own tables' items
     return sql.SQL("COPY (SELECT {} FROM ONLY {}{}) TO STDOUT").format(
         cols, sql.Identifier(target_schema, target_name), tail)

@@ -61,6 +61,7 @@ from backup.sources.postgres_schema import (FORMAT, SCHEMA_VERSION, bytewise_col
 from restore.targets import postgres_ddl as ddl
 from restore.targets import postgres_live as live
 from restore.targets.base import ItemPlan, Mode, RestoreOptions
+from restore.targets.postgres_parallel import parallel_reads
 from restore.targets.postgres_swap import Staging
 from snapshots.errors import (IncompatibleTargetError, NotFoundError, SourceError, TargetNotEmptyError, UsageError)
 from snapshots.manifest import Item, Manifest
@@ -377,17 +378,34 @@ class PostgresTarget:
                               hint="Restore the referenced tables from the same snapshot too, or fix the rows.")
 
     # ---- verification -------------------------------------------------------------------
-    def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
+    def _restored_table(self, plan: ItemPlan) -> tuple[ddl.Placement, int, set[str]]:
+        """(where the item's table is now (the staged one until the switch), its oid, the
+        columns this server orders bytewise)."""
         d = plan.details
         place = self._staging.tables.get(plan.target) or ddl.Placement(d["schema"], d["table"], d["table"])
-        spec = plan.item.schema
+        found = find_table(self.conn, place.schema, place.name)
+        if found is None:
+            raise NotFoundError(f"{place.qualified} does not exist on the target")
+        return place, found[0], bytewise_columns(describe_columns(self.conn, found[0]))
+
+    def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
         with self._errors(f"read back {plan.target}"):
-            found = find_table(self.conn, place.schema, place.name)
-            if found is None:
-                raise NotFoundError(f"{place.qualified} does not exist on the target")
-            stmt = copy_out_sql(spec, place.schema, place.name, bytewise_columns(describe_columns(self.conn, found[0])),
-                                ordered=ordered)
+            place, _, bytewise = self._restored_table(plan)
+            stmt = copy_out_sql(plan.item.schema, place.schema, place.name, bytewise, ordered=ordered)
             yield from copy_out_rows(self.conn, stmt)
+
+    def read_back_parts(self, plan: ItemPlan) -> list[Iterator[bytes]] | None:
+        """`read_back(plan, ordered=False)` as page ranges to read concurrently (each on its
+        own connection, one snapshot), or None for one COPY (postgres_parallel)."""
+        with self._errors(f"read back {plan.target}"):
+            place, oid, bytewise = self._restored_table(plan)
+
+            def read(conn, where) -> Iterator[bytes]:
+                with self._errors(f"read back {plan.target}"):
+                    yield from copy_out_rows(conn, copy_out_sql(plan.item.schema, place.schema, place.name,
+                                                                bytewise, ordered=False, where=where))
+
+            return parallel_reads(self.conn, lambda: connect(self.url, "statevault verify"), oid, read)
 
     def canonical(self, item: Item, record: bytes) -> bytes:
         return record
