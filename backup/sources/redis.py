@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from backup.sources.base import ItemSpec
-from backup.sources.redis_client import ServerInfo, connect, redis_errors, server_info, server_time_ms
+from backup.sources.redis_client import (ServerInfo, connect, keys_with_field_ttls, redis_errors, server_info,
+                                         server_time_ms)
 from backup.sources.redis_keys import Scope
 from backup.sources.redis_reader import KeyReader, Record  # KeyReader: also the Redis target's
 from backup.sources.redis_records import FORMAT, PART_SIZE
@@ -52,7 +53,7 @@ def read_scope(client, info: ServerInfo, scope: Scope, reader: KeyReader | None 
 
 class RedisCut:
     def __init__(self, client, info: ServerInfo, url: str, patterns: list[str], only: list[str] | None,
-                 now_ms: int):
+                 now_ms: int, field_ttls: int = 0):
         self.client, self.info, self._what = client, info, f"redis source {redact_url(url)}"
         self.patterns = list(dict.fromkeys(patterns))
         self.only = list(only) if only else None
@@ -66,6 +67,11 @@ class RedisCut:
             "scan_finished_at": None,
             "skipped_keys": {},
         }
+        if field_ttls:
+            # not kept (see redis_records.py): say so in the snapshot and the log, never silently
+            self.source_info["hash_field_ttls_not_kept"] = field_ttls
+            log.warning("%d key(s) of db %d have hash fields with their own TTL (HEXPIRE): those field TTLs "
+                        "are not kept; the fields are backed up and restore without expiry", field_ttls, info.db)
 
     def items(self) -> list[ItemSpec]:
         return [ItemSpec(name=p, kind="keys", format=FORMAT,
@@ -113,6 +119,7 @@ class RedisSource:
             with redis_errors(f"redis source {redact_url(url)}"):
                 info = server_info(client, url)
                 now = server_time_ms(client)
-            yield RedisCut(client, info, url, self.settings.patterns, only, now)
+                field_ttls = keys_with_field_ttls(client, info.db)
+            yield RedisCut(client, info, url, self.settings.patterns, only, now, field_ttls)
         finally:
             client.close()

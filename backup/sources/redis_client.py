@@ -101,6 +101,19 @@ def server_info(client, url: str) -> ServerInfo:
                       redis_version=redis_version, db=db, has_pexpiretime=bool(valkey) or major >= 7)
 
 
+def keys_with_field_ttls(client, db: int) -> int:
+    """Keys of `db` holding hash fields with their own TTL (INFO keyspace: Valkey 9
+    `keys_with_volatile_items`, Redis 7.4+ `subexpiry`); 0 on servers without field TTLs."""
+    raw = client.execute_command("INFO", "keyspace").decode(errors="replace")
+    for line in raw.splitlines():
+        if line.startswith(f"db{db}:"):
+            for part in line.split(":", 1)[1].split(","):
+                name, _, value = part.partition("=")
+                if name.strip() in ("keys_with_volatile_items", "subexpiry") and value.strip().isdigit():
+                    return int(value)
+    return 0
+
+
 def _pack(commands: Iterable[tuple]) -> bytes:
     out: list[bytes] = []
     append = out.append

@@ -49,8 +49,9 @@ A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exac
 consumers (groups are [name, last-delivered-id]) and without pending parts. It restores as
 before, and its verification reads the target back in v1 form.
 
-Not kept: per-field hash TTLs (Redis 7.4+/Valkey 9 HEXPIRE), module types (skipped and counted
-by the source), the key's LRU/LFU data and encoding.
+Not kept: per-field hash TTLs (Redis 7.4+/Valkey 9 HEXPIRE: the fields are kept without their
+expiry, and the source reports how many keys had them), module types (skipped and counted by
+the source), the key's LRU/LFU data and encoding.
 
 The digest covers the *canonical* record: the record without its `,"x":...` field (a TTL read
 back from a server cannot be compared exactly). `canonical()` cuts it off without parsing.
