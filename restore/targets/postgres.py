@@ -12,9 +12,10 @@ the item's schema). Per item and mode:
 
 A table that exists with other columns or types than the snapshot's is an
 IncompatibleTargetError in mode new (the version gate), before anything is written; so is a
-missing type or extension, a relation that is not a table, and a recreate or swap of a table
+missing type or extension, a relation that is not a table, a recreate or swap of a table
 that views depend on (they would be dropped with it) or that is part of a partition or
-inheritance tree. replace and swap plans carry `backup_selector = [target]` for the
+inheritance tree, and a table whose row-level security applies to the restoring role (COPY
+FROM refuses it and the read-back could not see every row: restore as superuser or BYPASSRLS). replace and swap plans carry `backup_selector = [target]` for the
 pre-restore snapshot.
 
 Restore, one explicit transaction per item on one connection (autocommit is on between
@@ -126,6 +127,8 @@ class PostgresTarget:
         found = find_table(self.conn, schema, name)
         notes: list[str] = []
         live_records = None
+        # before anything reads the live table: with row_security off, even counting its rows fails
+        _refuse_row_security(target, live.row_security_problem(self.conn, spec, found[0] if found else None))
         if found is None:
             action, method = "create", "create"
         else:
@@ -163,6 +166,8 @@ class PostgresTarget:
                     notes.append(f"recreated with the snapshot's columns ({'; '.join(diffs)})")
                 notes.append("privileges and owner are carried over from the live table; triggers, policies "
                              "and comments come from the snapshot")
+        if method in ("recreate", "stage"):  # a new table, this role its owner
+            _refuse_row_security(target, live.row_security_problem(self.conn, spec, None))
         enums, extensions, problems = live.check_types(self.conn, spec)
         if problems:
             raise IncompatibleTargetError(f"{target}: {'; '.join(problems)}; nothing was written")
@@ -441,6 +446,14 @@ def _oid(conn, place: ddl.Placement) -> int:
     if found is None:
         raise NotFoundError(f"{place.qualified} disappeared from the target since the plan")
     return found[0]
+
+
+def _refuse_row_security(target: str, problem: str | None) -> None:
+    if problem:
+        raise IncompatibleTargetError(f"{target}: {problem}, so this role could neither load it nor read it back "
+                                      "for verification; nothing was written",
+                                      hint="Restore as a superuser or a role with BYPASSRLS, as the backup "
+                                           "(which reads past row-level security too) must have run.")
 
 
 def _select(manifest: Manifest, only: list[str]) -> list[Item]:

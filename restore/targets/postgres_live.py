@@ -212,6 +212,29 @@ def missing_dependencies(conn, spec: dict[str, Any]) -> tuple[list[str], list[st
     return triggers, policies, notes
 
 
+def row_security_problem(conn, spec: dict[str, Any], live_oid: int | None) -> str | None:
+    """Why row-level security would stop this role from loading the table and reading it back
+    (COPY FROM refuses a table whose policies apply to the role; the read-back, with
+    row_security off, fails rather than see a subset), or None. Policies apply to a role that
+    is not superuser or BYPASSRLS unless it owns the table and the table does not FORCE them.
+    `live_oid`: the live table loaded into; None when the restore creates the table (as owner)."""
+    if conn.execute("SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user"
+                    ).fetchone()[0]:
+        return None
+    if live_oid is None:
+        if (spec.get("row_security") or {}).get("forced"):
+            return "the table forces row-level security on its owner"
+        return None
+    enabled, forced, owner = conn.execute(
+        "SELECT relrowsecurity, relforcerowsecurity, pg_catalog.pg_has_role(relowner, 'USAGE') "
+        "FROM pg_catalog.pg_class WHERE oid = %s", (live_oid,)).fetchone()
+    if enabled and forced:
+        return "the live table forces row-level security on its owner"
+    if enabled and not owner:
+        return "the live table has row-level security and this role does not own it"
+    return None
+
+
 def live_triggers(conn, oid: int) -> tuple[list[tuple[str, str]], bool]:
     """([(name, tgenabled)] of the live table's own enabled triggers, whether this role may
     switch them off (it owns the table, directly or through a role it is a member of))."""

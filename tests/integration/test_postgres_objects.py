@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from restore.targets.postgres import PostgresTarget
+from snapshots.errors import IncompatibleTargetError
 from snapshots.repository import open_repository
 from tests.integration.test_postgres_store import backup, execute, restore, scalar, schema_of, table_bytes
 from tests.servers import unique_name
@@ -159,3 +160,34 @@ def test_replace_into_the_live_table_does_not_fire_its_triggers(pg_url, file_rep
     assert _objects(pg_url) == before  # every trigger back in its state: O, D and A
     execute(pg_url, "SET search_path = public; INSERT INTO memories VALUES (100, 'carol', '{x}', 'new')")
     assert scalar(pg_url, "SELECT note FROM memories WHERE id = 100") == "fired"
+
+
+def test_a_role_that_row_level_security_applies_to_is_refused_before_writing(pg_url, target_url, file_repo_url,
+                                                                              role, _roles, pg_server):
+    """COPY FROM refuses such a table and the read-back cannot see past the policies: exit 2
+    up front, not a failed load or an unverifiable restore. The restoring role is set through
+    the URL (libpq options), so no login or password is needed on any server."""
+    _populate(pg_url, role)  # memories: RLS enabled and forced
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url, tables=["public.memories"])
+    restorer = unique_name("restorer")
+    _roles.append(restorer)
+    dbname = target_url.rsplit("/", 1)[1].split("?")[0]
+    execute(pg_server.url, f"CREATE ROLE {restorer} NOBYPASSRLS")
+    execute(target_url, f"GRANT CREATE ON DATABASE {dbname} TO {restorer}; GRANT ALL ON SCHEMA public TO {restorer}")
+    as_restorer = target_url + ("&" if "?" in target_url else "?") + f"options=-c%20role%3D{restorer}"
+    assert scalar(as_restorer, "SELECT current_user") == restorer
+
+    target = PostgresTarget(as_restorer)
+    try:
+        with pytest.raises(IncompatibleTargetError, match="forces row-level security on its owner"):
+            target.plan(manifest, only=[], into=None, mode="new")
+        # into a live table it does not own, with RLS on (not forced): refused too
+        execute(target_url, "CREATE TABLE memories (id int PRIMARY KEY, owner text NOT NULL, labels text[] NOT NULL "
+                            "DEFAULT '{}', note text); ALTER TABLE memories ENABLE ROW LEVEL SECURITY")
+        with pytest.raises(IncompatibleTargetError, match="this role does not own it"):
+            target.plan(manifest, only=[], into=None, mode="replace")
+    finally:
+        target.close()
+    assert scalar(target_url, "SELECT count(*) FROM memories") == 0  # nothing was written
+    execute(target_url, f"REVOKE ALL ON SCHEMA public FROM {restorer}; REVOKE ALL ON DATABASE {dbname} FROM {restorer}")
