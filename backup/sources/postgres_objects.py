@@ -1,5 +1,6 @@
 """What a table carries beyond its columns, keys and indexes: triggers, row-level security
-and its policies, and comments (part of the item schema; see postgres_schema.describe_table).
+and its policies, comments, storage parameters and replica identity (part of the item schema;
+see postgres_schema.describe_table).
 
 pg_dump users expect these back when a table is recreated: an `updated_at` trigger or a
 tenant-isolation policy silently missing after a swap restore changes how the agent's memory
@@ -20,11 +21,13 @@ to roles it applies to.
     "policies": [{"name", "permissive": true, "command": "ALL|SELECT|INSERT|UPDATE|DELETE",
                   "roles": ["public" | role name], "using": expr | null, "check": expr | null}]
     "comments": {"table": text | null, "columns": {column: text}}
+    "storage_options": ["fillfactor=70", "autovacuum_vacuum_scale_factor=0.01", ...] (reloptions)
+    "replica_identity": {"kind": "default|nothing|full|index", "index": name | null}
 
 `timing` and `body` are the parts of pg_get_triggerdef around `ON <table>`, so the trigger
 can be recreated on a table with another name or schema (restore --into, swap staging).
 `enabled` is pg_trigger.tgenabled: O (origin, the default), D (disabled), R (replica), A (always).
-Snapshots taken before these keys existed restore as before: no triggers, policies or comments.
+Snapshots taken before these keys existed restore as before: none of them.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ SELECT p.polname, p.polpermissive, p.polcmd,
 FROM pg_catalog.pg_policy p WHERE p.polrelid = %s ORDER BY p.polname"""
 
 _COMMANDS = {"*": "ALL", "r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE"}
+_IDENTITY = {"d": "default", "n": "nothing", "f": "full", "i": "index"}
 
 
 def describe_objects(conn, oid: int, qualified: str) -> dict[str, Any]:
@@ -64,16 +68,23 @@ def describe_objects(conn, oid: int, qualified: str) -> dict[str, Any]:
     policies = [{"name": name, "permissive": bool(permissive), "command": _COMMANDS[cmd], "roles": list(roles),
                  "using": using, "check": check}
                 for name, permissive, cmd, roles, using, check in conn.execute(_POLICIES, (oid,))]
-    enabled, forced, table_comment = conn.execute(
-        "SELECT relrowsecurity, relforcerowsecurity, pg_catalog.obj_description(oid, 'pg_class') "
-        "FROM pg_catalog.pg_class WHERE oid = %s", (oid,)).fetchone()
+    enabled, forced, table_comment, options, identity = conn.execute(
+        "SELECT relrowsecurity, relforcerowsecurity, pg_catalog.obj_description(oid, 'pg_class'), reloptions, "
+        "relreplident FROM pg_catalog.pg_class WHERE oid = %s", (oid,)).fetchone()
+    identity_index = None
+    if identity == "i":
+        identity_index = conn.execute("SELECT ic.relname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic "
+                                      "ON ic.oid = i.indexrelid WHERE i.indrelid = %s AND i.indisreplident",
+                                      (oid,)).fetchone()[0]
     columns = dict(conn.execute(
         """SELECT a.attname, d.description FROM pg_catalog.pg_description d
            JOIN pg_catalog.pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid
            WHERE d.classoid = 'pg_catalog.pg_class'::regclass AND d.objoid = %s AND d.objsubid > 0
              AND NOT a.attisdropped ORDER BY a.attnum""", (oid,)).fetchall())
     return {"triggers": triggers, "row_security": {"enabled": bool(enabled), "forced": bool(forced)},
-            "policies": policies, "comments": {"table": table_comment, "columns": columns}}
+            "policies": policies, "comments": {"table": table_comment, "columns": columns},
+            "storage_options": list(options or []),
+            "replica_identity": {"kind": _IDENTITY[identity], "index": identity_index}}
 
 
 def _split_trigger(definition: str, quoted_name: str, qualified_table: str, constraint: bool) -> tuple[str, str]:

@@ -164,8 +164,9 @@ class PostgresTarget:
                                                   hint="Restore --into a new name, or drop and recreate the views.")
                 if diffs:
                     notes.append(f"recreated with the snapshot's columns ({'; '.join(diffs)})")
-                notes.append("privileges and owner are carried over from the live table; triggers, policies "
-                             "and comments come from the snapshot")
+                notes.append("privileges, owner and publication memberships are carried over from the live "
+                             "table; triggers, policies, comments, storage options and replica identity come "
+                             "from the snapshot")
         if method in ("recreate", "stage"):  # a new table, this role its owner
             _refuse_row_security(target, live.row_security_problem(self.conn, spec, None))
         enums, extensions, problems = live.check_types(self.conn, spec)

@@ -15,6 +15,7 @@ with pg_restore); foreign keys last.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +123,19 @@ def create_table(spec: dict[str, Any], place: Placement, conn) -> sql.Composed:
     """CREATE TABLE with columns only; constraints and indexes come after the load."""
     cols = sql.SQL(", ").join(_column(c, spec, place, conn) for c in spec["columns"])
     kind = "CREATE UNLOGGED TABLE" if spec.get("unlogged") else "CREATE TABLE"
-    return sql.SQL(kind + " {} ({})").format(place.table, cols)
+    stmt = sql.SQL(kind + " {} ({})").format(place.table, cols)
+    options = [_storage_option(o) for o in spec.get("storage_options", [])]
+    if options:  # before the load: fillfactor shapes the pages COPY writes
+        stmt += sql.SQL(" WITH ({})").format(sql.SQL(", ").join(options))
+    return stmt
+
+
+def _storage_option(option: str) -> sql.Composed:
+    """`name=value` from pg_class.reloptions as a WITH (...) entry; the value quoted."""
+    name, _, value = option.partition("=")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise ValueError(f"unexpected storage option in the snapshot: {option!r}")
+    return sql.SQL(name + " = {}").format(sql.Literal(value))
 
 
 def after_load(spec: dict[str, Any], place: Placement) -> list[sql.Composed]:
@@ -144,7 +157,8 @@ def after_load(spec: dict[str, Any], place: Placement) -> list[sql.Composed]:
 
 def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: frozenset[str] = frozenset(),
                   skip_policies: frozenset[str] = frozenset()) -> list[sql.Composed]:
-    """Comments, row-level security, policies and triggers (backup.sources.postgres_objects)
+    """Comments, row-level security, policies, replica identity and triggers
+    (backup.sources.postgres_objects)
     of the table now at `place`, except the named triggers and policies (their function or
     roles are missing on the target). Absent from snapshots older than those keys."""
     table, out = place.table, []
@@ -170,6 +184,13 @@ def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: froz
         if policy["check"] is not None:
             stmt += sql.SQL(" WITH CHECK ({})").format(sql.SQL(policy["check"]))
         out.append(stmt)
+    identity = spec.get("replica_identity") or {"kind": "default"}
+    if identity["kind"] == "index":
+        out.append(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+            table, sql.Identifier(place.object_name(identity["index"]))))
+    elif identity["kind"] != "default":
+        kind = {"nothing": "NOTHING", "full": "FULL"}[identity["kind"]]
+        out.append(sql.SQL("ALTER TABLE {} REPLICA IDENTITY " + kind).format(table))
     for trigger in spec.get("triggers", []):
         if trigger["name"] in skip_triggers:
             continue

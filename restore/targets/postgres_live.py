@@ -5,7 +5,8 @@
   new rows are in (cheap, no scan under the exclusive lock; still enforced for new writes).
   `validate` checks them afterwards, under a lock that does not block readers or writers.
 - Privileges and owner of a table that is recreated or swapped in, so the agent's role can
-  still read its memory afterwards.
+  still read its memory afterwards, and its publication memberships (with their column lists
+  and row filters), so logical replication and CDC go on seeing it.
 - Views depending on a table (a recreate or swap would drop or detach them: refused in plan).
 - Types the snapshot needs (enum labels, extensions), checked before anything is written.
 - Triggers of a live table that is loaded into (replace with the same columns): switched off
@@ -103,12 +104,29 @@ WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.refclassid = 'pg_catalog
 
 def privileges(conn, oid: int) -> dict[str, Any]:
     """Owner and grants of a table and of the sequences its columns own (an agent's role
-    needs USAGE on them to insert)."""
+    needs USAGE on them to insert), and the publications that name the table (logical
+    replication / CDC would stop seeing a table dropped and created again)."""
     owner, mine, grants = conn.execute(_PRIVILEGES, (oid,)).fetchone()
     sequences = {col: [tuple(g) for g in seq_grants or []]
                  for col, seq_grants in conn.execute(_SEQUENCE_PRIVILEGES, (oid,))}
+    query = _PUBLICATIONS if conn.info.server_version >= 150000 else _PUBLICATIONS_14
     return {"owner": owner, "owner_is_me": bool(mine), "grants": [tuple(g) for g in grants or []],
-            "sequences": sequences}
+            "sequences": sequences, "publications": [tuple(r) for r in conn.execute(query, (oid,))]}
+
+
+# (publication, column list or NULL, row filter or NULL); lists and filters exist from PostgreSQL 15
+_PUBLICATIONS = """
+SELECT p.pubname,
+       CASE WHEN pr.prattrs IS NOT NULL THEN
+            ARRAY(SELECT a.attname FROM unnest(pr.prattrs::int2[]) WITH ORDINALITY k(n, i)
+                  JOIN pg_catalog.pg_attribute a ON a.attrelid = pr.prrelid AND a.attnum = k.n ORDER BY k.i) END,
+       pg_catalog.pg_get_expr(pr.prqual, pr.prrelid)
+FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+WHERE pr.prrelid = %s ORDER BY 1"""
+_PUBLICATIONS_14 = """
+SELECT p.pubname, NULL, NULL
+FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+WHERE pr.prrelid = %s ORDER BY 1"""
 
 
 def _grant(conn, kind: str, target: sql.Composable, grants: list[tuple]) -> None:
@@ -128,14 +146,27 @@ def apply_privileges(conn, table: sql.Identifier, privs: dict[str, Any]) -> list
         seq = serial_sequence(conn, table_sql, column) if grants else None
         if seq is not None:
             _grant(conn, "SEQUENCE", sql.SQL(seq), grants)
+    notes = []
+    for name, columns, where in privs.get("publications", []):
+        stmt = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(name), table)
+        if columns is not None:
+            stmt += sql.SQL(" ({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+        if where is not None:
+            stmt += sql.SQL(" WHERE ({})").format(sql.SQL(where))
+        try:
+            with conn.transaction():  # a savepoint: a refused membership must not undo the restore
+                conn.execute(stmt)
+        except psycopg.Error as exc:
+            notes.append(f"could not add the restored table to publication {name} again "
+                         f"({exc.diag.message_primary or type(exc).__name__}): add it by hand")
     if privs["owner_is_me"]:
-        return []
+        return notes
     try:
         with conn.transaction():  # a savepoint: a refused OWNER TO must not undo the restore
             conn.execute(sql.SQL("ALTER TABLE {} OWNER TO " + privs["owner"]).format(table))
     except psycopg.Error:
-        return [f"could not give the restored table to its previous owner {privs['owner']}"]
-    return []
+        notes.append(f"could not give the restored table to its previous owner {privs['owner']}")
+    return notes
 
 
 def dependent_views(conn, oid: int) -> list[str]:

@@ -2,6 +2,7 @@
 (backup.sources.postgres_objects), against the session's real PostgreSQL server."""
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from restore.targets.postgres import PostgresTarget
@@ -30,6 +31,9 @@ CREATE TRIGGER memories_paused BEFORE DELETE ON memories FOR EACH ROW EXECUTE FU
 ALTER TABLE memories DISABLE TRIGGER memories_paused;
 COMMENT ON TABLE memories IS 'the agent''s long-term memory';
 COMMENT ON COLUMN memories.note IS 'free text {{kept}}';
+ALTER TABLE memories SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01);
+CREATE UNIQUE INDEX memories_owner_id ON memories (owner, id);
+ALTER TABLE memories REPLICA IDENTITY USING INDEX memories_owner_id;
 ALTER TABLE memories ENABLE ROW LEVEL SECURITY;
 ALTER TABLE memories FORCE ROW LEVEL SECURITY;
 CREATE POLICY own_rows ON memories FOR SELECT TO {role} USING (owner = current_user);
@@ -63,7 +67,8 @@ def target_url(pg_database):
 
 def _objects(url: str, table: str = "memories") -> dict:
     spec = schema_of(url, "public", table)
-    return {k: spec[k] for k in ("triggers", "row_security", "policies", "comments")}
+    return {k: spec[k] for k in ("triggers", "row_security", "policies", "comments", "storage_options",
+                                 "replica_identity")}
 
 
 def _populate(url: str, role: str) -> None:
@@ -80,6 +85,8 @@ def test_objects_are_captured_and_recreated_after_the_load(pg_url, target_url, f
     assert {p["name"]: (p["permissive"], p["command"], p["roles"]) for p in captured["policies"]} == {
         "no_bob": (False, "ALL", ["public"]), "own_rows": (True, "SELECT", [role])}
     assert captured["comments"] == {"table": "the agent's long-term memory", "columns": {"note": "free text {kept}"}}
+    assert captured["storage_options"] == ["fillfactor=70", "autovacuum_vacuum_scale_factor=0.01"]
+    assert captured["replica_identity"] == {"kind": "index", "index": "memories_owner_id"}
 
     repo = open_repository(file_repo_url, create=True)
     manifest, _ = backup(repo, pg_url, tables=["public.memories"])
@@ -97,7 +104,8 @@ def test_objects_are_captured_and_recreated_after_the_load(pg_url, target_url, f
 
     # under another name in the same database (restore --into): on the copy, the live table keeps its own
     restore(pg_url, repo, manifest, into="public.memories_copy")
-    assert _objects(pg_url, "memories_copy") == captured
+    renamed = {**captured, "replica_identity": {"kind": "index", "index": "memories_copy_owner_id"}}
+    assert _objects(pg_url, "memories_copy") == renamed  # its indexes are renamed with it
     assert _objects(pg_url) == captured
 
 
@@ -109,11 +117,23 @@ def test_a_swap_keeps_the_snapshots_objects(pg_url, file_repo_url, role):
     # a bad deploy: the triggers, a policy and the comments are gone, and rows changed
     execute(pg_url, "DROP TRIGGER memories_stamp ON memories; DROP TRIGGER memories_audit ON memories;"
                     "DROP POLICY own_rows ON memories; COMMENT ON TABLE memories IS NULL;"
+                    "ALTER TABLE memories RESET (fillfactor); ALTER TABLE memories REPLICA IDENTITY DEFAULT;"
                     "ALTER TABLE memories NO FORCE ROW LEVEL SECURITY; DELETE FROM memories WHERE id > 40")
+    # the live table is published (CDC): the swapped-in table must stay in its publications
+    execute(pg_url, "CREATE PUBLICATION agent_cdc FOR TABLE memories;"
+                    "CREATE PUBLICATION agent_inserts FOR TABLE memories (id, owner) WHERE (owner <> 'x') "
+                    "WITH (publish = 'insert')")
+    published = "SELECT pubname, attnames, rowfilter FROM pg_publication_tables WHERE tablename = 'memories' ORDER BY 1"
+    with psycopg.connect(pg_url) as conn:
+        before = conn.execute(published).fetchall()
+    assert [r[0] for r in before] == ["agent_cdc", "agent_inserts"]
     [plan] = restore(pg_url, repo, manifest, mode="swap")
     assert any("come from the snapshot" in n for n in plan.notes)
     assert _objects(pg_url) == captured
     assert scalar(pg_url, "SELECT count(*) FROM memories") == 50
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute(published).fetchall() == before
+        assert conn.execute("SELECT count(*) FROM pg_publication_rel").fetchone()[0] == 2  # no stale entries
 
 
 def test_missing_function_or_role_skips_that_object_with_a_note(pg_url, target_url, file_repo_url, role):
