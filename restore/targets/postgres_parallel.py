@@ -16,9 +16,14 @@ shares the GIL, so more ranges than CPUs buy nothing here; a server with more CP
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator
 
 from psycopg import sql
+
+from snapshots.errors import StatevaultError
+
+log = logging.getLogger("statevault.restore.postgres")
 
 PARTS = 2                 # ranges read at once
 MIN_BYTES = 64 << 20      # smaller tables are read back by one COPY: setup costs more than it saves
@@ -55,6 +60,14 @@ def parallel_reads(conn, connect: Callable[[], object], oid: int,
     try:
         for _ in range(PARTS):
             conns.append(connect())
+    except StatevaultError as exc:
+        # e.g. max_connections reached: verify with the one connection rather than fail a
+        # restore whose data is already in
+        log.warning("reading the table back over one connection: another one was refused (%s)", exc.message)
+        for c in conns:
+            c.close()
+        return None
+    try:
         for i, c in enumerate(conns):
             c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             if i == 0:

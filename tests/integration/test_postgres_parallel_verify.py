@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 import restore.targets.postgres_parallel as parallel
+from backup.sources.postgres_schema import connect, find_table
 from restore.run import restore_snapshot
 from restore.targets.postgres import PostgresTarget
 from restore.verify import digest_concurrently
 from snapshots.codec import digest_records
+from snapshots.errors import SourceError
 from snapshots.repository import open_repository
 from snapshots.settings import Settings
 from tests.integration.test_postgres_store import backup, execute, populate, scalar
@@ -104,3 +106,24 @@ def test_small_tables_use_one_copy(pg_url, file_repo_url):
 @pytest.fixture
 def target_url_for_parallel(pg_database):
     return pg_database("svparallel")
+
+
+def test_a_refused_extra_connection_falls_back_to_one_copy(pg_url, file_repo_url, any_size):
+    """A server at max_connections refuses the second range's connection: verification goes on
+    over the one connection instead of failing a restore whose data is already in."""
+    execute(pg_url, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+    opened = []
+
+    def refusing():
+        if opened:
+            raise SourceError("connect: FATAL: sorry, too many clients already", retryable=True)
+        opened.append(connect(pg_url, "statevault verify"))
+        return opened[-1]
+
+    conn = connect(pg_url, "test")
+    try:
+        oid = find_table(conn, "public", "t")[0]
+        assert parallel.parallel_reads(conn, refusing, oid, lambda c, where: iter(())) is None
+        assert opened and opened[0].closed  # the one it got is closed again
+    finally:
+        conn.close()
