@@ -168,6 +168,12 @@ def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: froz
     for column, text in (comments.get("columns") or {}).items():
         out.append(sql.SQL("COMMENT ON COLUMN {} IS {}").format(
             sql.Identifier(place.schema, place.name, column), sql.Literal(text)))
+    for index, text in (comments.get("indexes") or {}).items():  # renamed with the table (after_load)
+        out.append(sql.SQL("COMMENT ON INDEX {} IS {}").format(
+            sql.Identifier(place.schema, place.object_name(index)), sql.Literal(text)))
+    for constraint, text in (comments.get("constraints") or {}).items():
+        out.append(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+            sql.Identifier(place.object_name(constraint)), table, sql.Literal(text)))
     security = spec.get("row_security") or {}
     if security.get("enabled"):
         out.append(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))

@@ -34,6 +34,8 @@ COMMENT ON COLUMN memories.note IS 'free text {{kept}}';
 ALTER TABLE memories SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01);
 CREATE UNIQUE INDEX memories_owner_id ON memories (owner, id);
 ALTER TABLE memories REPLICA IDENTITY USING INDEX memories_owner_id;
+COMMENT ON INDEX memories_owner_id IS 'the replica identity';
+COMMENT ON CONSTRAINT memories_pkey ON memories IS 'one row per memory';
 ALTER TABLE memories ENABLE ROW LEVEL SECURITY;
 ALTER TABLE memories FORCE ROW LEVEL SECURITY;
 CREATE POLICY own_rows ON memories FOR SELECT TO {role} USING (owner = current_user);
@@ -84,7 +86,9 @@ def test_objects_are_captured_and_recreated_after_the_load(pg_url, target_url, f
     assert captured["row_security"] == {"enabled": True, "forced": True}
     assert {p["name"]: (p["permissive"], p["command"], p["roles"]) for p in captured["policies"]} == {
         "no_bob": (False, "ALL", ["public"]), "own_rows": (True, "SELECT", [role])}
-    assert captured["comments"] == {"table": "the agent's long-term memory", "columns": {"note": "free text {kept}"}}
+    assert captured["comments"] == {"table": "the agent's long-term memory", "columns": {"note": "free text {kept}"},
+                                    "indexes": {"memories_owner_id": "the replica identity"},
+                                    "constraints": {"memories_pkey": "one row per memory"}}
     assert captured["storage_options"] == ["fillfactor=70", "autovacuum_vacuum_scale_factor=0.01"]
     assert captured["replica_identity"] == {"kind": "index", "index": "memories_owner_id"}
 
@@ -104,7 +108,10 @@ def test_objects_are_captured_and_recreated_after_the_load(pg_url, target_url, f
 
     # under another name in the same database (restore --into): on the copy, the live table keeps its own
     restore(pg_url, repo, manifest, into="public.memories_copy")
-    renamed = {**captured, "replica_identity": {"kind": "index", "index": "memories_copy_owner_id"}}
+    renamed = {**captured, "replica_identity": {"kind": "index", "index": "memories_copy_owner_id"},
+               "comments": {**captured["comments"],
+                            "indexes": {"memories_copy_owner_id": "the replica identity"},
+                            "constraints": {"memories_copy_pkey": "one row per memory"}}}
     assert _objects(pg_url, "memories_copy") == renamed  # its indexes are renamed with it
     assert _objects(pg_url) == captured
 
