@@ -21,7 +21,7 @@ to roles it applies to.
     "policies": [{"name", "permissive": true, "command": "ALL|SELECT|INSERT|UPDATE|DELETE",
                   "roles": ["public" | role name], "using": expr | null, "check": expr | null}]
     "comments": {"table": text | null, "columns": {column: text}, "indexes": {index: text},
-                 "constraints": {constraint: text}}    (foreign keys' comments are not kept)
+                 "constraints": {constraint: text}}
     "storage_options": ["fillfactor=70", "autovacuum_vacuum_scale_factor=0.01", ...] (reloptions)
     "replica_identity": {"kind": "default|nothing|full|index", "index": name | null}
 
@@ -82,7 +82,6 @@ def describe_objects(conn, oid: int, qualified: str) -> dict[str, Any]:
            JOIN pg_catalog.pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid
            WHERE d.classoid = 'pg_catalog.pg_class'::regclass AND d.objoid = %s AND d.objsubid > 0
              AND NOT a.attisdropped ORDER BY a.attnum""", (oid,)).fetchall())
-    # indexes, and constraints other than foreign keys (those are added after every table is in)
     indexes = dict(conn.execute(
         """SELECT ic.relname, d.description FROM pg_catalog.pg_index i
            JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
@@ -91,7 +90,7 @@ def describe_objects(conn, oid: int, qualified: str) -> dict[str, Any]:
     constraints = dict(conn.execute(
         """SELECT c.conname, d.description FROM pg_catalog.pg_constraint c
            JOIN pg_catalog.pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_catalog.pg_constraint'::regclass
-           WHERE c.conrelid = %s AND c.contype <> 'f' ORDER BY 1""", (oid,)).fetchall())
+           WHERE c.conrelid = %s ORDER BY 1""", (oid,)).fetchall())
     return {"triggers": triggers, "row_security": {"enabled": bool(enabled), "forced": bool(forced)},
             "policies": policies,
             "comments": {"table": table_comment, "columns": columns, "indexes": indexes, "constraints": constraints},

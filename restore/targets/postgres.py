@@ -371,6 +371,9 @@ class PostgresTarget:
                 continue
             place = ddl.Placement(plan.details["schema"], plan.details["table"], plan.item.schema["table"]["name"])
             self.conn.execute(ddl.foreign_key(fk, plan.item.schema, place, self.conn))
+            comment = (plan.item.schema.get("comments") or {}).get("constraints", {}).get(fk["name"])
+            if comment is not None:
+                self.conn.execute(ddl.constraint_comment(place, fk["name"], comment))
             added.append((place.table.as_string(self.conn), place.object_name(fk["name"])))
         self._pending_fks = keep
         return added

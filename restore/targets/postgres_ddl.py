@@ -171,9 +171,10 @@ def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: froz
     for index, text in (comments.get("indexes") or {}).items():  # renamed with the table (after_load)
         out.append(sql.SQL("COMMENT ON INDEX {} IS {}").format(
             sql.Identifier(place.schema, place.object_name(index)), sql.Literal(text)))
+    foreign_keys = {fk["name"] for fk in spec.get("foreign_keys", [])}  # commented once added (finish)
     for constraint, text in (comments.get("constraints") or {}).items():
-        out.append(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
-            sql.Identifier(place.object_name(constraint)), table, sql.Literal(text)))
+        if constraint not in foreign_keys:
+            out.append(constraint_comment(place, constraint, text))
     security = spec.get("row_security") or {}
     if security.get("enabled"):
         out.append(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))
@@ -207,6 +208,12 @@ def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: froz
         if trigger["enabled"] != "O":
             out.append(trigger_state(table, trigger["name"], trigger["enabled"]))
     return out
+
+
+def constraint_comment(place: Placement, constraint: str, text: str) -> sql.Composed:
+    """COMMENT ON CONSTRAINT for the snapshot's `constraint` of the table now at `place`."""
+    return sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+        sql.Identifier(place.object_name(constraint)), place.table, sql.Literal(text))
 
 
 def trigger_state(table: sql.Composable, name: str, enabled: str) -> sql.Composed:

@@ -28,7 +28,7 @@ from restore.targets.postgres_ddl import add_constraint
 
 _FKS = """
 SELECT c.conname, pg_catalog.pg_get_constraintdef(c.oid), c.conrelid,
-       pg_catalog.format('%%I.%%I', n.nspname, r.relname)
+       pg_catalog.format('%%I.%%I', n.nspname, r.relname), pg_catalog.obj_description(c.oid, 'pg_constraint')
 FROM pg_catalog.pg_constraint c
 JOIN pg_catalog.pg_class r ON r.oid = c.conrelid JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
 WHERE c.contype = 'f' AND c.conparentid = 0 AND (c.conrelid = %(t)s OR c.confrelid = %(t)s)
@@ -40,10 +40,10 @@ def foreign_keys_touching(conn, oid: int, *, inbound_only: bool = False,
     """FKs from or to table `oid` (only those from other tables with inbound_only), except
     those declared on `skip_tables` (tables about to be dropped along with their constraints)."""
     out = []
-    for name, definition, conrelid, table_sql in conn.execute(_FKS, {"t": oid}):
+    for name, definition, conrelid, table_sql, comment in conn.execute(_FKS, {"t": oid}):
         if (inbound_only and conrelid == oid) or conrelid in skip_tables:
             continue
-        out.append({"table": table_sql, "name": name, "definition": definition})
+        out.append({"table": table_sql, "name": name, "definition": definition, "comment": comment})
     return out
 
 
@@ -57,6 +57,9 @@ def reattach(conn, fks: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Re-add detached FKs NOT VALID; returns (table, constraint) pairs for `validate`."""
     for fk in fks:
         conn.execute(add_constraint(sql.SQL(fk["table"]), fk["name"], fk["definition"], not_valid=True))
+        if fk.get("comment") is not None:  # dropped with the constraint by `detach`
+            conn.execute(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+                sql.Identifier(fk["name"]), sql.SQL(fk["table"]), sql.Literal(fk["comment"])))
     return [(fk["table"], fk["name"]) for fk in fks]
 
 

@@ -20,7 +20,9 @@ BEGIN INSERT INTO audit_log VALUES (TG_OP, NEW.id); RETURN NEW; END $$;
 
 TABLE = """
 CREATE TABLE audit_log (op text, id int);
-CREATE TABLE memories (id int PRIMARY KEY, owner text NOT NULL, labels text[] NOT NULL DEFAULT '{{}}', note text);
+CREATE TABLE memories (id int PRIMARY KEY, owner text NOT NULL, labels text[] NOT NULL DEFAULT '{{}}', note text,
+                       parent int CONSTRAINT memories_parent REFERENCES memories (id));
+COMMENT ON CONSTRAINT memories_parent ON memories IS 'a memory refines another';
 INSERT INTO memories SELECT g, CASE WHEN g % 2 = 0 THEN 'alice' ELSE 'bob' END,
                             ARRAY['l' || g], 'as backed up' FROM generate_series(1, 50) g;
 -- each would change or copy the restored rows if it fired during the load
@@ -88,7 +90,8 @@ def test_objects_are_captured_and_recreated_after_the_load(pg_url, target_url, f
         "no_bob": (False, "ALL", ["public"]), "own_rows": (True, "SELECT", [role])}
     assert captured["comments"] == {"table": "the agent's long-term memory", "columns": {"note": "free text {kept}"},
                                     "indexes": {"memories_owner_id": "the replica identity"},
-                                    "constraints": {"memories_pkey": "one row per memory"}}
+                                    "constraints": {"memories_parent": "a memory refines another",
+                                                    "memories_pkey": "one row per memory"}}
     assert captured["storage_options"] == ["fillfactor=70", "autovacuum_vacuum_scale_factor=0.01"]
     assert captured["replica_identity"] == {"kind": "index", "index": "memories_owner_id"}
 
@@ -111,7 +114,8 @@ def test_objects_are_captured_and_recreated_after_the_load(pg_url, target_url, f
     renamed = {**captured, "replica_identity": {"kind": "index", "index": "memories_copy_owner_id"},
                "comments": {**captured["comments"],
                             "indexes": {"memories_copy_owner_id": "the replica identity"},
-                            "constraints": {"memories_copy_pkey": "one row per memory"}}}
+                            "constraints": {"memories_copy_parent": "a memory refines another",
+                                            "memories_copy_pkey": "one row per memory"}}}
     assert _objects(pg_url, "memories_copy") == renamed  # its indexes are renamed with it
     assert _objects(pg_url) == captured
 
