@@ -15,15 +15,17 @@ IncompatibleTargetError in mode new (the version gate), before anything is writt
 missing type or extension, a relation that is not a table, a recreate or swap of a table
 that views depend on (they would be dropped with it) or that is part of a partition or
 inheritance tree, and a table whose row-level security applies to the restoring role (COPY
-FROM refuses it and the read-back could not see every row: restore as superuser or BYPASSRLS). replace and swap plans carry `backup_selector = [target]` for the
-pre-restore snapshot.
+FROM refuses it and the read-back could not see every row: restore as superuser or
+BYPASSRLS). replace and swap plans carry `backup_selector = [target]` for the pre-restore
+snapshot.
 
 Restore, one explicit transaction per item on one connection (autocommit is on between
 them, so nothing is ever committed implicitly; a failure rolls back to what was there):
 - create: enum types, extensions and sequences, CREATE TABLE, COPY FROM STDIN in batches,
   then constraints and indexes (faster after the load), OWNED BY, setval, then comments,
-  row-level security, policies and triggers (after the load: they must not fire for restored
-  rows). A trigger whose function or a policy whose roles are missing is skipped with a note.
+  row-level security, policies, replica identity and triggers (after the load: they must not
+  fire for restored rows). A trigger whose function or a policy whose roles are missing is
+  skipped with a note.
 - load / truncate: LOCK the live table, detach the foreign keys touching it, (TRUNCATE),
   switch its enabled triggers off, COPY, switch them back to their exact state, set its
   sequences, re-attach the keys NOT VALID. The live definition (indexes, constraints,
@@ -31,7 +33,8 @@ them, so nothing is ever committed implicitly; a failure rolls back to what was 
   switch triggers off: they fire for the loaded rows (a plan note says so).
 - sequences: those the table owns are set to the snapshot's position; shared sequences its
   defaults call are only moved forward (other tables draw from them).
-- recreate: capture privileges, DROP the live table and create it from the snapshot.
+- recreate: capture privileges and publication memberships, DROP the live table and create
+  it from the snapshot.
 - swap: build the table in a staging schema `statevault_staging_<run>_<n>` and commit it;
   nothing live is touched. `switch(plans)` then moves, in ONE transaction, each live table
   into `statevault_old_<run>_<n>`, the staged one into its place (owned sequences follow),
