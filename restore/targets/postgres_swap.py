@@ -5,8 +5,8 @@ index and constraint names never collide with the live ones or with each other) 
 committed there; the live table is not touched. `switch` then, inside the caller's single
 transaction, locks the live tables, moves each into `statevault_old_<run>_<n>`, moves the
 staged one into the live schema (owned and identity sequences move with their table),
-carries over privileges and owner, detaches the foreign keys other tables have to the old
-table (the caller re-attaches them to the new one), and drops the emptied staging schemas
+carries over privileges, owner and publication memberships, detaches the foreign keys other
+tables have to the old table (the caller re-attaches them to the new one, comments included), and drops the emptied staging schemas
 and the old tables, all in that same transaction. Killed at any point before the
 commit, the live tables are as they were.
 
