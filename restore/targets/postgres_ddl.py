@@ -212,8 +212,11 @@ def table_objects(spec: dict[str, Any], place: Placement, *, skip_triggers: froz
 
 def constraint_comment(place: Placement, constraint: str, text: str) -> sql.Composed:
     """COMMENT ON CONSTRAINT for the snapshot's `constraint` of the table now at `place`."""
-    return sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
-        sql.Identifier(place.object_name(constraint)), place.table, sql.Literal(text))
+    return comment_on_constraint(place.table, place.object_name(constraint), text)
+
+
+def comment_on_constraint(table: sql.Composable, name: str, text: str) -> sql.Composed:
+    return sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(sql.Identifier(name), table, sql.Literal(text))
 
 
 def trigger_state(table: sql.Composable, name: str, enabled: str) -> sql.Composed:

@@ -24,7 +24,7 @@ from typing import Any
 
 from psycopg import sql
 
-from restore.targets.postgres_ddl import add_constraint
+from restore.targets.postgres_ddl import add_constraint, comment_on_constraint
 
 _FKS = """
 SELECT c.conname, pg_catalog.pg_get_constraintdef(c.oid), c.conrelid,
@@ -58,8 +58,7 @@ def reattach(conn, fks: list[dict[str, Any]]) -> list[tuple[str, str]]:
     for fk in fks:
         conn.execute(add_constraint(sql.SQL(fk["table"]), fk["name"], fk["definition"], not_valid=True))
         if fk.get("comment") is not None:  # dropped with the constraint by `detach`
-            conn.execute(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
-                sql.Identifier(fk["name"]), sql.SQL(fk["table"]), sql.Literal(fk["comment"])))
+            conn.execute(comment_on_constraint(sql.SQL(fk["table"]), fk["name"], fk["comment"]))
     return [(fk["table"], fk["name"]) for fk in fks]
 
 

@@ -5,26 +5,14 @@ from __future__ import annotations
 import functools
 
 import orjson
-import pytest
 import redis
 
 import backup.sources.redis as redis_source
 from backup.sources.redis_reader import KeyReader
 from backup.sources.redis_records import FORMAT, FORMAT_V1, record_key
 from restore.targets.redis import RedisTarget
-from snapshots.repository import open_repository
-from tests.integration.redis_helpers import (SMALL_CHUNKS, assert_same_state, backup, fill, run_restore,
-                                             stream_groups, typed_dump)
-
-
-@pytest.fixture
-def repo(file_repo_url):
-    return open_repository(file_repo_url, create=True, config=SMALL_CHUNKS)
-
-
-@pytest.fixture
-def small_parts(monkeypatch):
-    monkeypatch.setattr(redis_source, "PART_SIZE", 50)
+from tests.integration.redis_helpers import assert_same_state, backup, fill, run_restore, stream_groups, typed_dump
+from tests.integration.test_redis_store import repo, small_parts  # noqa: F401  (the Redis tests' fixtures)
 
 
 def _stream_records(repo, manifest, key: bytes) -> list[dict]:
