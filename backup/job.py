@@ -17,6 +17,7 @@ from backup.sources import open_source
 from snapshots.errors import StatevaultError
 from snapshots.manifest import Manifest, utcnow
 from snapshots.repository import Repository
+from snapshots.retries import retry_call
 from snapshots.settings import Settings
 
 ProgressFn = Callable[[str, str, int], None]  # (source, item, records so far)
@@ -121,15 +122,11 @@ def snapshot_source(repo: Repository, name: str, source_settings, *, tags: Itera
 
 
 def _attempt(fn, attempts: int, max_wait: float, result: SourceResult):
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+    def counted():
+        result.attempts += 1
+        return fn()
 
-    retry = Retrying(stop=stop_after_attempt(attempts), wait=wait_random_exponential(multiplier=0.5, max=max_wait),
-                     retry=retry_if_exception(lambda e: isinstance(e, StatevaultError) and e.retryable),
-                     reraise=True)
-    for attempt in retry:
-        with attempt:
-            result.attempts += 1
-            return fn()
+    return retry_call(counted, attempts=attempts, multiplier=0.5, max_wait=max_wait)
 
 
 def run_backup(repo: Repository, settings: Settings, sources: list[str] | None = None, *,

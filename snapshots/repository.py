@@ -18,6 +18,7 @@ from snapshots import codec
 from snapshots.errors import (CorruptChunkError, ManifestError, NotFoundError, StatevaultError, UsageError)
 from snapshots.leases import Lease, acquire_lease
 from snapshots.manifest import FORMAT_VERSION, Item, Manifest, RepoConfig, is_snapshot_id, utcnow
+from snapshots.retries import retry_call
 from snapshots.settings import RepositorySettings, redact_url
 from snapshots.stores.base import ObjectStore, open_store
 from snapshots.writer import SnapshotWriter
@@ -42,12 +43,7 @@ class Repository:
     # ---- retries -------------------------------------------------------------------------
     def retrying(self, fn: Callable[[], T], what: str, attempts: int = 5) -> T:
         """Run a store call, retrying errors marked retryable with exponential backoff and jitter."""
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
-        retry = Retrying(stop=stop_after_attempt(attempts), wait=wait_random_exponential(multiplier=0.2, max=10),
-                         retry=retry_if_exception(lambda e: isinstance(e, StatevaultError) and e.retryable),
-                         reraise=True)
-        return retry(fn)
+        return retry_call(fn, attempts=attempts, multiplier=0.2, max_wait=10)
 
     # ---- writing -------------------------------------------------------------------------
     def begin_snapshot(self, source: str, kind: str, *, tags: Iterable[str] = (), backup_set: str | None = None,

@@ -52,9 +52,10 @@ from backup.sources.qdrant_records import FORMATS, decode_record
 from backup.sources.qdrant_config import (SCHEMA_FORMAT, collection_schema, create_collection_kwargs,
                                           describe_difference, payload_index_ops, signature, vector_layout)
 from restore.targets.base import ItemPlan, RestoreOptions
-from snapshots.errors import (IncompatibleTargetError, NotFoundError, SourceError, TargetNotEmptyError,
+from snapshots.errors import (IncompatibleTargetError, NotFoundError, TargetNotEmptyError,
                               UsageError)
 from snapshots.manifest import Item, Manifest, utcnow
+from snapshots.retries import retry_call
 
 UPSERT_BATCH = 256
 MAX_BATCH_BYTES = 8 << 20
@@ -251,14 +252,11 @@ class QdrantTarget:
             self._upsert(name, batch)
 
     def _upsert(self, name: str, points: list) -> None:
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
-        retry = Retrying(stop=stop_after_attempt(4), wait=wait_random_exponential(multiplier=0.5, max=10),
-                         retry=retry_if_exception(lambda e: isinstance(e, SourceError) and e.retryable),
-                         reraise=True)
-        for attempt in retry:
-            with attempt, qdrant_call(f"upsert {len(points)} points into {name!r}"):
+        def upsert():
+            with qdrant_call(f"upsert {len(points)} points into {name!r}"):
                 self.client.upsert(name, points=points, wait=True)
+
+        retry_call(upsert, attempts=4, multiplier=0.5, max_wait=10)
 
     def _payload_indexes(self, name: str, schema: dict) -> None:
         with warnings.catch_warnings():
