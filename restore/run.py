@@ -24,7 +24,8 @@ from restore.targets import open_target
 from restore.targets.base import ItemPlan, RestoreOptions
 from restore.verify import ItemCheck, diff_sorted, digest_concurrently, digest_of
 from snapshots.codec import RecordDigest
-from snapshots.errors import CorruptChunkError, UsageError, VerificationError
+from snapshots.errors import CorruptChunkError, StatevaultError, UsageError, VerificationError
+from snapshots.manifest import Manifest
 from snapshots.repository import Repository
 from snapshots.settings import Settings
 
@@ -127,26 +128,13 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
                 result.plans = [p.to_dict() for p in plans]  # what is actually done (e.g. a swap's staging name)
             started = time.monotonic()
             tees = []
-            for plan in plans:
-                canon = None if getattr(target, "canonical_is_identity", False) else _canonical(target, plan)
-                written = getattr(target, "written_filter", None)
-                tee = _Tee(repo.iter_record_blocks(plan.item), plan, canon,
-                           written(plan, options) if written else None)
-                try:
-                    target.restore(plan, iter(tee), options)
-                except CorruptChunkError as exc:
-                    # name the restore point and item: the operator's next step is an older snapshot
-                    raise CorruptChunkError(
-                        f"snapshot {manifest.id} item {plan.item.name}: {exc.message}", chunk_id=exc.chunk_id,
-                        hint=f"This snapshot is damaged: restore an older one (statevault snapshots list --source "
-                             f"{source}) and run `statevault snapshots check --read-data`.") from exc
-                tees.append(tee)
-                result.records_restored += tee.digest.count
-                result.bytes_restored += tee.bytes
-                if progress is not None:
-                    progress(plan.item.name, tee.digest.count)
+            try:
+                _write(repo, target, plans, options, manifest, source, result, tees, progress)
+            except BaseException as exc:
+                _after_failed_write(target, plans[:len(tees) + 1], exc, result, source)
+                raise
             finish = getattr(target, "finish", None)
-            if finish is not None:
+            if finish is not None:  # foreign keys: a violation keeps the data (the error names them)
                 finish(plans, options)
             result.restore_seconds = time.monotonic() - started
             started = time.monotonic()
@@ -167,6 +155,58 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
                  + (f"Undo with: statevault restore {result.pre_restore_snapshot} --source {source} --mode replace"
                     if result.pre_restore_snapshot else ""))
     return result
+
+
+def _write(repo: Repository, target, plans: list[ItemPlan], options: RestoreOptions, manifest: Manifest,
+           source: str, result: RestoreResult, tees: list, progress) -> None:
+    """Write every plan's records, teeing their digests into `tees`."""
+    for plan in plans:
+        canon = None if getattr(target, "canonical_is_identity", False) else _canonical(target, plan)
+        written = getattr(target, "written_filter", None)
+        tee = _Tee(repo.iter_record_blocks(plan.item), plan, canon,
+                   written(plan, options) if written else None)
+        try:
+            target.restore(plan, iter(tee), options)
+        except CorruptChunkError as exc:
+            # name the restore point and item: the operator's next step is an older snapshot
+            raise CorruptChunkError(
+                f"snapshot {manifest.id} item {plan.item.name}: {exc.message}", chunk_id=exc.chunk_id,
+                hint=f"This snapshot is damaged: restore an older one (statevault snapshots list --source "
+                     f"{source}) and run `statevault snapshots check --read-data`.") from exc
+        tees.append(tee)
+        result.records_restored += tee.digest.count
+        result.bytes_restored += tee.bytes
+        if progress is not None:
+            progress(plan.item.name, tee.digest.count)
+
+
+def _after_failed_write(target, plans: list[ItemPlan], exc: BaseException, result: RestoreResult,
+                        source: str) -> None:
+    """A restore failed after writing began: the target undoes what it can (a store without a
+    transaction: Redis removes the keys a mode-new restore wrote, Qdrant drops the collections it
+    created), and the error says so, or what is left and how to put the replaced data back."""
+    said = []
+    undo = getattr(target, "undo", None)
+    if undo is not None:
+        try:
+            done = undo(plans)
+        except Exception as undo_exc:  # noqa: BLE001 - the first error is the one to raise
+            said.append(f"undoing it failed too ({undo_exc}): the target holds part of the snapshot")
+        else:
+            if done:
+                said.append(f"{done}; the target is as the plan found it")
+    if result.pre_restore_snapshot:
+        said.append(f"the replaced data is in pre-restore snapshot {result.pre_restore_snapshot}")
+    if not said:
+        return
+    if not isinstance(exc, StatevaultError):
+        exc.add_note(f"restore stopped: {'; '.join(said)}")
+        return
+    exc.message = f"{exc.message} (restore stopped: {'; '.join(said)})"
+    exc.args = (exc.message,)
+    if result.pre_restore_snapshot:
+        exc.hint = (f"{exc.hint} Put the replaced data back with: statevault restore "
+                    f"{result.pre_restore_snapshot} --source {source} --mode replace").strip()
 
 
 def _canonical(target, plan: ItemPlan) -> Callable[[bytes], bytes]:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from snapshots import codec
-from snapshots.errors import (CorruptChunkError, ManifestError, NotFoundError, StatevaultError, UsageError)
+from snapshots.errors import CorruptChunkError, ManifestError, NotFoundError, UsageError
 from snapshots.leases import Lease, acquire_lease
 from snapshots.manifest import FORMAT_VERSION, Item, Manifest, RepoConfig, is_snapshot_id, utcnow
 from snapshots.retries import retry_call

@@ -20,7 +20,8 @@ BYPASSRLS). replace and swap plans carry `backup_selector = [target]` for the pr
 snapshot.
 
 Restore, one explicit transaction per item on one connection (autocommit is on between
-them, so nothing is ever committed implicitly; a failure rolls back to what was there):
+them, so nothing is ever committed implicitly; a failure rolls back to what was there, and
+`undo` drops the tables that earlier items of the restore created):
 - create: enum types, extensions and sequences, CREATE TABLE, COPY FROM STDIN in batches,
   then constraints and indexes (faster after the load), OWNED BY, setval, then comments,
   row-level security, policies, replica identity and triggers (after the load: they must not
@@ -83,6 +84,7 @@ class PostgresTarget:
         self.url = url
         self._conn = None
         self._run = secrets.token_hex(4)
+        self._created: list[tuple[ItemPlan, ddl.Placement]] = []  # committed new tables, for undo
         self._staging = Staging(self._run)
         self._pending_fks: list[tuple[ItemPlan, dict]] = []
         self._to_validate: list[tuple[str, str]] = []
@@ -224,6 +226,8 @@ class PostgresTarget:
                         self._recreate(plan, place, records, options)
                     else:
                         self._load_existing(plan, place, records, options)
+                if d["method"] == "create":
+                    self._created.append((plan, place))  # committed: `undo` drops it if a later item fails
         except BaseException:
             # rolled back: forget the constraint work queued for it
             self._pending_fks, self._to_validate = saved
@@ -329,6 +333,17 @@ class PostgresTarget:
             self.conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staged.schema)))
             self._create(plan, staged, records, options)
         self._staging.tables[plan.target] = staged
+
+    def undo(self, plans: list[ItemPlan]) -> str | None:
+        """After a failed restore: drop the tables items of `plans` created and committed (their
+        types, extensions, shared sequences stay; `close` drops staged tables)."""
+        created = [place for plan, place in self._created if any(plan is p for p in plans)]
+        self._created = []
+        if not created:
+            return None
+        with self._errors("undo the failed restore"), self.conn.transaction():
+            self.conn.execute(sql.SQL("DROP TABLE {}").format(sql.SQL(", ").join(p.table for p in created)))
+        return f"the table(s) it had created were dropped: {', '.join(p.qualified for p in created)}"
 
     def switch(self, plans: list[ItemPlan]) -> None:
         """Swap every staged table into place in ONE transaction, then validate foreign keys.

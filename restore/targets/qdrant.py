@@ -29,6 +29,10 @@ Modes (`plan` refuses before any write):
   collection is left behind (no alias points at it, the source does not back it up) and is
   deleted by the next swap of that name once more than a day old.
 
+A restore that fails (rather than being killed) drops what it created: `undo` deletes a
+collection mode new created and a swap's staging collection. Points added to a collection that
+existed empty stay (a note of the error says what is left).
+
 Vector layout gate: an existing target collection whose vector names, sizes, distances,
 datatypes or sparse vector names differ from the snapshot's is refused (IncompatibleTargetError)
 in every mode; restore `--into` a new name instead.
@@ -82,6 +86,7 @@ class QdrantTarget:
             raise UsageError("a Qdrant target needs exactly one of url or path")
         self.url, self.path, self.api_key = url, path, api_key
         self._handle: QdrantHandle | None = None
+        self._created: list[tuple[ItemPlan, str]] = []  # collections restore() created, for undo
 
     # ---- connection ----------------------------------------------------------------------
     @property
@@ -208,6 +213,7 @@ class QdrantTarget:
                 with qdrant_call(f"delete stale staging collection {stale!r}"):
                     self.client.delete_collection(stale)
             self._create(write_to, schema)
+            self._created.append((plan, write_to))
         elif plan.action == "replace":
             keep_aliases = [a for a, t in self._aliases().items() if t == write_to]
             with qdrant_call(f"delete collection {write_to!r}"):
@@ -217,8 +223,19 @@ class QdrantTarget:
                 self._alias_ops([_create_alias(a, write_to) for a in keep_aliases], f"restore aliases of {write_to!r}")
         elif d["physical"] is None:
             self._create(write_to, schema)
+            self._created.append((plan, write_to))
         self._upsert_all(write_to, records, schema, plan.item.format, options)
         self._payload_indexes(write_to, schema)
+
+    def undo(self, plans: list[ItemPlan]) -> str | None:
+        """After a failed restore: drop the collections a restore of `plans` created (a new
+        collection, or a swap's staging copy: the live one is untouched until the switch)."""
+        dropped = [name for plan, name in self._created if any(plan is p for p in plans)]
+        for name in dropped:
+            with qdrant_call(f"drop collection {name!r} of the failed restore"):
+                self.client.delete_collection(name)
+        self._created = []
+        return f"the collection(s) it had created were dropped: {', '.join(dropped)}" if dropped else None
 
     def _create(self, name: str, schema: dict) -> None:
         from qdrant_client.http.exceptions import UnexpectedResponse

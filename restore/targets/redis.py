@@ -10,7 +10,9 @@ and no earlier item's pattern, restricted to `only` when given (and to the snaps
 
 Modes
 - new: refused with TargetNotEmptyError when any key already exists in the scope (nothing is
-  written). A full restore into an empty DB takes a DBSIZE == 0 fast path.
+  written). A full restore into an empty DB takes a DBSIZE == 0 fast path. Every key is
+  recorded (spilled to temp files past a bound) before its commands go out; if the restore
+  fails (a damaged chunk, a lost connection), `undo` UNLINKs exactly those keys.
 - replace: every restored key is DEL'd and rewritten (one MULTI/EXEC per pipelined batch, so
   readers never see a key half written), then keys of the scope that are not in the snapshot are
   UNLINKed: afterwards the scope equals the snapshot, which is what verification checks. The
@@ -89,6 +91,7 @@ class RedisTarget:
         self.what = f"redis target {redact_url(url)}"
         self._client = None
         self._info = None
+        self._created: list[tuple[ItemPlan, NameSorter]] = []  # mode new: the keys each restore wrote
 
     def connection(self):
         """(client, ServerInfo), connecting on first use."""
@@ -104,6 +107,9 @@ class RedisTarget:
         return self._client, self._info
 
     def close(self) -> None:
+        for _, keys in self._created:
+            keys.close()
+        self._created = []
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -183,13 +189,17 @@ class RedisTarget:
         with redis_errors(f"{self.what}, item {plan.item.name!r}"):
             d["ttl_mode"] = options.ttl
             d["restore_started_ms"] = server_time_ms(client)
-            written = NameSorter() if replace else None
+            # every key, recorded before its commands go out: replace deletes the scope's other
+            # keys with it; new removes exactly these if the restore fails (undo)
+            written = NameSorter()
+            if not replace:
+                self._created.append((plan, written))
             writer = _KeyWriter(client, transaction=replace, ttl=options.ttl, cutoff=d["expiry_cutoff_ms"],
                                 cut_ms=d["cut_time_ms"], batch_size=max(1, options.batch_size),
-                                on_key=written.add if written is not None else None)
+                                on_key=written.add)
             writer.run(records)
             d.update(written=writer.written, expired=writer.skipped, expired_examples=writer.skipped_examples)
-            if written is not None:
+            if replace:
                 d["deleted_extra"] = self._delete_extras(client, plan, written)
             d["restore_finished_ms"] = server_time_ms(client)
         if writer.skipped:
@@ -198,18 +208,23 @@ class RedisTarget:
 
     def _delete_extras(self, client, plan: ItemPlan, written: NameSorter) -> int:
         """UNLINK scope keys the snapshot does not hold (both name streams sorted)."""
-        deleted = 0
-        batch: list[tuple] = []
-        for key in sorted_minus(self.scope(plan).keys(client), written):
-            batch.append(("UNLINK", key))
-            deleted += 1
-            if len(batch) >= 1000:
-                raise_first_error(execute_many(client, batch))
-                batch = []
-        raise_first_error(execute_many(client, batch))
+        deleted = _unlink(client, sorted_minus(self.scope(plan).keys(client), written))
         if deleted:
             plan.notes.append(f"{deleted} key(s) in the scope but not in the snapshot were deleted")
         return deleted
+
+    def undo(self, plans: list[ItemPlan]) -> str | None:
+        """After a failed restore: UNLINK every key a mode-new restore of `plans` wrote (their
+        scope was empty when planned), so the target is as the plan found it. Replaced keys
+        cannot be undone here: their pre-restore snapshot holds them."""
+        client, _ = self.connection()
+        removed = 0
+        with redis_errors(f"{self.what}, undo"):
+            for plan, keys in self._created:
+                if any(plan is p for p in plans):
+                    removed += _unlink(client, keys)
+        self._created = []
+        return f"the {removed} key(s) it had written were removed" if removed else None
 
     # ---- verification --------------------------------------------------------------------
     def read_back(self, plan: ItemPlan, ordered: bool = True) -> Iterator[bytes]:
@@ -336,3 +351,17 @@ class _KeyWriter:
             cmd(("XGROUP", "CREATE", key, dec(name), delivered))
             for consumer in (consumers[0] if consumers else ()):
                 cmd(("XGROUP", "CREATECONSUMER", key, dec(name), dec(consumer)))
+
+
+def _unlink(client, keys: Iterator[bytes] | NameSorter) -> int:
+    """UNLINK `keys`, 1000 to a request; returns how many were asked for."""
+    count = 0
+    batch: list[tuple] = []
+    for key in keys:
+        batch.append(("UNLINK", key))
+        count += 1
+        if len(batch) >= 1000:
+            raise_first_error(execute_many(client, batch))
+            batch = []
+    raise_first_error(execute_many(client, batch))
+    return count

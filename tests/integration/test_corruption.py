@@ -7,61 +7,21 @@ tell "names exactly the snapshots that reference the chunk" from "names everythi
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import orjson
 import pytest
 
-from snapshots import codec
 from snapshots.errors import CorruptChunkError
 from snapshots.manifest import RepoConfig, utcnow
 from snapshots.repository import open_repository
 from tests.cli_runner import run_cli
+from tests.damage import Damage
 
 
 
 def rows(tag: str, n: int) -> list[bytes]:
     return [orjson.dumps({"id": i, "tag": tag, "text": f"{tag} fact {i * 7919 % 10007} " * (1 + i % 4)}) + b"\n"
             for i in range(n)]
-
-
-class Damage:
-    """Corrupts one chunk object without going through statevault."""
-
-    def __init__(self, url: str, s3_server=None):
-        self.url, self.s3 = url, s3_server
-        parts = urlsplit(url)
-        if parts.scheme == "file":
-            self.root = Path(parts.path)
-        else:
-            self.client, self.bucket, self.prefix = s3_server.client(), parts.netloc, parts.path.strip("/")
-
-    def _read(self, key: str) -> bytes:
-        if self.s3 is None:
-            return (self.root / key).read_bytes()
-        return self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}")["Body"].read()
-
-    def _write(self, key: str, data: bytes) -> None:
-        if self.s3 is None:
-            (self.root / key).write_bytes(data)
-        else:
-            self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}", Body=data)
-
-    def __call__(self, how: str, cid: str) -> None:
-        key = codec.chunk_key(cid)
-        if how == "delete":
-            if self.s3 is None:
-                (self.root / key).unlink()
-            else:
-                self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}")
-            return
-        data = bytearray(self._read(key))
-        if how == "flip":
-            data[len(data) // 2] ^= 0x01
-        elif how == "truncate":
-            del data[len(data) // 2:]
-        self._write(key, bytes(data))
 
 
 BOTH = pytest.mark.parametrize("damaged_repo", ["file", "s3"], indirect=True)

@@ -32,12 +32,13 @@ from restore.run import restore_snapshot
 from restore.targets.base import RestoreOptions
 from restore.targets.qdrant import QdrantTarget
 from restore.verify import digest_of
-from snapshots.errors import (IncompatibleTargetError, NotFoundError, SourceError, TargetNotEmptyError,
-                              UsageError)
+from snapshots.errors import (CorruptChunkError, IncompatibleTargetError, NotFoundError, SourceError,
+                              TargetNotEmptyError, UsageError)
 from snapshots.manifest import Manifest, RepoConfig, new_snapshot_id, utcnow
 from snapshots.repository import open_repository
 from snapshots.settings import QdrantSource as QdrantSettings
 from snapshots.settings import Settings
+from tests.damage import damage_late_chunk
 
 ROOT = Path(__file__).resolve().parents[2]
 # local mode's own notices about options it ignores (payload indexes, exact search)
@@ -367,6 +368,38 @@ def test_swap_killed_midway_leaves_live_collection_untouched(store, file_repo_ur
         handle.close()
     result = _run_restore(file_repo_url, qdrant_path, "swap")  # a later swap still works
     assert result.ok
+
+
+def test_a_failed_swap_drops_its_staging_copy_and_leaves_the_live_collection(store, file_repo_url, qdrant_path):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path)
+    damage_late_chunk(file_repo_url, manifest.item("kb"))  # found after the first upsert batches
+    store.client.delete(collection_name="kb", points_selector=m.PointIdsList(points=[3]))
+    live = records_of(store, "kb")
+    names = {c.name for c in store.client.get_collections().collections}
+    with pytest.raises(CorruptChunkError) as caught:
+        _run_restore(file_repo_url, qdrant_path, "swap")
+    assert "collection(s) it had created were dropped: kb__sv_" in caught.value.message
+    assert {c.name for c in store.client.get_collections().collections} == names
+    assert store.client.get_aliases().aliases == []
+    assert records_of(store, "kb") == live
+
+
+def test_a_failed_new_restore_drops_the_collection_it_created(store, file_repo_url, qdrant_path, tmp_path):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path)
+    damage_late_chunk(file_repo_url, manifest.item("kb"))
+    other = tmp_path / "other-qdrant"
+    other.mkdir()
+    cfg = Settings(sources={"kb": {"kind": "qdrant", "path": str(qdrant_path)}})
+    with pytest.raises(CorruptChunkError) as caught:
+        restore_snapshot(repo, cfg, "kb", "latest", only=["kb"], to_path=str(other))
+    assert "dropped: kb;" in caught.value.message
+    handle = connect_qdrant(path=str(other))
+    try:
+        assert handle.client.get_collections().collections == []
+    finally:
+        handle.close()
 
 
 def test_unchanged_collection_backs_up_without_upload(store, file_repo_url, qdrant_path):

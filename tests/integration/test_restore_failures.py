@@ -1,0 +1,96 @@
+"""A restore that fails after it started writing leaves no half-written target behind.
+
+PostgreSQL restores run in transactions (a failure rolls back). Redis and Qdrant have no
+transaction across a whole restore, so a failed restore undoes what it wrote:
+- Redis, mode new: the keys it wrote are removed (their scope was empty when planned);
+- Qdrant: a collection it created (mode new, or a swap's staging copy) is dropped;
+- mode replace: the live data was already overwritten; the error names the pre-restore
+  snapshot and the command that puts it back, and that command does.
+The failure: a damaged chunk three quarters into the snapshot, found only when read.
+"""
+from __future__ import annotations
+
+import pytest
+import redis
+
+from restore.run import restore_snapshot
+from snapshots.errors import CorruptChunkError
+from snapshots.repository import open_repository
+from snapshots.settings import Settings
+from tests.damage import damage_late_chunk
+from tests.integration.redis_helpers import SMALL_CHUNKS, assert_same_state, backup, typed_dump
+
+
+@pytest.fixture
+def repo(file_repo_url):
+    return open_repository(file_repo_url, create=True, config=SMALL_CHUNKS)
+
+
+def _keyspace(c, n: int, text: str = "message") -> None:
+    for i in range(n):
+        c.set(f"history:u{i}", f"{text} {i} " * 20, px=3_600_000)
+        c.rpush(f"turns:u{i}", *[f"{text} turn {j}" for j in range(5)])
+
+
+def _settings(url: str) -> Settings:
+    return Settings(sources={"history": {"kind": "redis", "url": url, "patterns": ["history:*", "*"]}})
+
+
+def test_redis_new_restore_that_fails_midway_removes_the_keys_it_wrote(redis_url, fresh_redis_url, repo,
+                                                                        file_repo_url):
+    _keyspace(redis.Redis.from_url(redis_url), 2000)  # 4000 records: write batches go out before the damage
+    manifest, _ = backup(repo, redis_url, patterns=["history:*", "*"], source="history")
+    damage_late_chunk(file_repo_url, manifest.items[0])
+    target = fresh_redis_url()
+    redis.Redis.from_url(target).set("unrelated", "kept")  # in item "*"'s scope, outside `only`
+    before = typed_dump(target)
+    with pytest.raises(CorruptChunkError) as caught:
+        restore_snapshot(repo, _settings(redis_url), "history", manifest.id, to_url=target, only=["history:*"])
+    assert typed_dump(target) == before
+    assert "key(s) it had written were removed; the target is as the plan found it" in caught.value.message
+    assert "restore an older one" in caught.value.hint
+
+
+def test_redis_replace_that_fails_midway_names_the_snapshot_that_undoes_it(redis_url, repo, file_repo_url):
+    c = redis.Redis.from_url(redis_url)
+    _keyspace(c, 2000)
+    manifest, _ = backup(repo, redis_url, patterns=["history:*", "*"], source="history")
+    damage_late_chunk(file_repo_url, manifest.items[0])
+    _keyspace(c, 2000, text="changed")
+    live = typed_dump(redis_url)
+    with pytest.raises(CorruptChunkError) as caught:
+        restore_snapshot(repo, _settings(redis_url), "history", manifest.id, mode="replace")
+    assert typed_dump(redis_url) != live  # replace had overwritten keys when the damage was found
+    pre = caught.value.message.split("pre-restore snapshot ")[1].split(")")[0]
+    assert f"statevault restore {pre} --source history --mode replace" in caught.value.hint
+    result = restore_snapshot(repo, _settings(redis_url), "history", pre, mode="replace")
+    assert result.ok
+    assert_same_state(live, typed_dump(redis_url))
+
+
+def test_postgres_new_restore_that_fails_on_a_later_table_drops_the_tables_it_created(pg_database, repo,
+                                                                                       file_repo_url):
+    """Each table is restored in its own transaction: the failing one rolls back by itself, and
+    the ones committed before it are dropped, so the database is as the plan found it."""
+    import psycopg
+
+    source, target = pg_database("svsource"), pg_database("svtarget")
+    with psycopg.connect(source, autocommit=True) as conn:
+        for table in ("a_first", "b_second"):
+            conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, body text)")
+            conn.execute(f"INSERT INTO {table} SELECT g, repeat('{table} fact ' || g, 8) FROM generate_series(1, 3000) g")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE unrelated (id int)")
+    cfg = Settings(sources={"memory": {"kind": "postgres", "url": source}})
+    from backup.job import snapshot_source
+
+    manifest, _ = snapshot_source(repo, "memory", cfg.sources["memory"])
+    assert [i.name for i in manifest.items] == ["public.a_first", "public.b_second"]
+    damage_late_chunk(file_repo_url, manifest.item("public.b_second"))
+    with pytest.raises(CorruptChunkError) as caught:
+        restore_snapshot(repo, cfg, "memory", manifest.id, to_url=target)
+    assert "the table(s) it had created were dropped: public.a_first" in caught.value.message
+    with psycopg.connect(target) as conn:
+        tables = conn.execute("SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = "
+                              "'public'::regnamespace ORDER BY 1").fetchall()
+    assert tables == [("unrelated",)]
