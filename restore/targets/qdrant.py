@@ -56,8 +56,7 @@ from backup.sources.qdrant_records import FORMATS, decode_record
 from backup.sources.qdrant_config import (SCHEMA_FORMAT, collection_schema, create_collection_kwargs,
                                           describe_difference, payload_index_ops, signature, vector_layout)
 from restore.targets.base import ItemPlan, RestoreOptions
-from snapshots.errors import (IncompatibleTargetError, NotFoundError, TargetNotEmptyError,
-                              UsageError)
+from snapshots.errors import IncompatibleTargetError, NotFoundError, TargetNotEmptyError, UsageError
 from snapshots.manifest import Item, Manifest, utcnow
 from snapshots.retries import retry_call
 
