@@ -25,15 +25,14 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, StatevaultError) and exc.retryable
 
 
-def retry_call(fn: Callable[[], T], *, attempts: int, multiplier: float, max_wait: float,
-               retry_if: Callable[[BaseException], bool] = is_retryable) -> T:
-    """`fn()`, called again after an error `retry_if` accepts, at most `attempts` times in all,
+def retry_call(fn: Callable[[], T], *, attempts: int, multiplier: float, max_wait: float) -> T:
+    """`fn()`, called again after a retryable StatevaultError, at most `attempts` times in all,
     waiting a random time up to multiplier x 2^n seconds (at most `max_wait`) between calls."""
     from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
     retry = Retrying(stop=stop_after_attempt(attempts), wait=wait_random_exponential(multiplier=multiplier,
                                                                                       max=max_wait),
-                     retry=retry_if_exception(retry_if), reraise=True)
+                     retry=retry_if_exception(is_retryable), reraise=True)
     try:
         return retry(fn)
     except BaseException as exc:
