@@ -228,19 +228,27 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
     identity = getattr(target, "canonical_is_identity", False)
     parts = getattr(target, "read_back_parts", None)
     streams = parts(plan) if parts is not None else None
-    if streams:  # read concurrently by several server processes (PostgreSQL, big tables)
-        count, digest = digest_concurrently(streams, None if identity else canon, algo=item.digest_algo)
-    else:
-        count, digest = digest_of(target.read_back(plan, ordered=False), None if identity else canon,
-                                  algo=item.digest_algo)
-    check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
     ttl_check = getattr(target, "verify_ttls", None)
-    if ttl_check is not None and check.ok:
-        keep = plan.record_filter
-        ttls = ttl_check(plan, (r for r in repo.iter_records(item) if keep is None or keep(r)))
-        if not ttls.get("passed", True):
-            check.problems.append(f"TTLs differ: {ttls.get('ttl_differs')} keys")
-            check.diff = {"ttl": ttls}
+    # Redis: the read-back's own expiries, logged as it is digested, serve the TTL check
+    log = target.ttl_log() if ttl_check is not None and hasattr(target, "ttl_log") else None
+    try:
+        if streams:  # read concurrently by several server processes (PostgreSQL, big tables)
+            count, digest = digest_concurrently(streams, None if identity else canon, algo=item.digest_algo)
+        else:
+            back = target.read_back(plan, ordered=False)
+            count, digest = digest_of(back if log is None else log.tap(back), None if identity else canon,
+                                      algo=item.digest_algo)
+        check = ItemCheck(item.name, plan.target, exp_count, exp_digest, count, digest)
+        if ttl_check is not None and check.ok:
+            keep = plan.record_filter
+            records = (r for r in repo.iter_records(item) if keep is None or keep(r))
+            ttls = ttl_check(plan, records) if log is None else ttl_check(plan, records, log)
+            if not ttls.get("passed", True):
+                check.problems.append(f"TTLs differ: {ttls.get('ttl_differs')} keys")
+                check.diff = {"ttl": ttls}
+    finally:
+        if log is not None:
+            log.close()
     if not check.ok and not check.diff:
         custom = getattr(target, "diff", None)
         keep = plan.record_filter

@@ -243,10 +243,16 @@ class RedisTarget:
         """The key name: text when UTF-8, else "b64:<base64>" (JSON-safe, for reports)."""
         return display_key(record_key(record))
 
-    def verify_ttls(self, plan: ItemPlan, records: Iterator[bytes]) -> dict:
+    def verify_ttls(self, plan: ItemPlan, records: Iterator[bytes], read=None) -> dict:
         from restore.targets.redis_verify import verify_ttls
 
-        return verify_ttls(self, plan, records)
+        return verify_ttls(self, plan, records, read)
+
+    def ttl_log(self):
+        """An ExpiryLog for the verification's read-back (see verify_ttls)."""
+        from restore.targets.redis_verify import ExpiryLog
+
+        return ExpiryLog()
 
     def diff(self, plan: ItemPlan, records: Iterator[bytes]) -> dict:
         from restore.targets.redis_verify import diff

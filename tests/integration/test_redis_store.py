@@ -259,6 +259,45 @@ def test_ttl_reset_reapplies_the_length_and_none_persists(redis_url, fresh_redis
     assert target.verify_ttls(plan, repo.iter_records(manifest.items[0]))["passed"]
 
 
+@pytest.mark.parametrize("ttl", ["keep", "reset", "none"])
+def test_a_restore_checks_ttls_from_its_read_back_without_a_second_lookup(redis_url, fresh_redis_url, repo,
+                                                                          small_parts, monkeypatch, ttl):
+    """The orchestrator's TTL check compares the expiries the verification's read-back already
+    fetched (one TYPE per key on the target: the read-back's), and still catches a wrong one."""
+    from restore.run import restore_snapshot
+    from snapshots.settings import Settings
+
+    c = redis.Redis.from_url(redis_url)
+    for i in range(300):
+        c.set(f"s:{i}", f"v{i}", px=3_600_000 + i)
+        c.rpush(f"l:{i}", *[f"e{j}" for j in range(60 if i % 50 == 0 else 3)])  # some split in parts
+        if i % 3:
+            c.pexpire(f"l:{i}", 7_200_000)
+    manifest, _ = backup(repo, redis_url, source="history")
+    cfg = Settings(sources={"history": {"kind": "redis", "url": redis_url}})
+    dst = fresh_redis_url()
+    redis.Redis.from_url(dst).config_resetstat()  # command counts are per server, not per DB
+    result = restore_snapshot(repo, cfg, "history", manifest.id, to_url=dst, ttl=ttl)
+    assert result.ok and result.records_restored > 600
+    stats = redis.Redis.from_url(dst).info("commandstats")
+    assert stats["cmdstat_type"]["calls"] == 600  # the read-back's only: no lookup round
+
+    wrong = fresh_redis_url()
+    read_back = RedisTarget.read_back
+
+    def drifting(self, plan, ordered=True):  # a key's expiry changes after the restore wrote it
+        redis.Redis.from_url(wrong).pexpire("s:7", 60_000)
+        return read_back(self, plan, ordered)
+
+    monkeypatch.setattr(RedisTarget, "read_back", drifting)
+    from snapshots.errors import VerificationError
+    with pytest.raises(VerificationError) as caught:
+        restore_snapshot(repo, cfg, "history", manifest.id, to_url=wrong, ttl=ttl)
+    [check] = caught.value.report["checks"]
+    assert check["diff"]["ttl"]["ttl_differs"]["examples"][0]["key"] == "s:7"
+    assert check["diff"]["ttl"]["ttl_differs"]["count"] == 1
+
+
 def test_diff_classifies_every_kind_of_difference(redis_url, fresh_redis_url, repo):
     c = redis.Redis.from_url(redis_url)
     for k in ("gone", "changed", "retyped", "ttl", "same"):
