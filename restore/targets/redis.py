@@ -42,8 +42,8 @@ import orjson
 from typing import Callable, Iterator
 
 from backup.sources.redis import KeyReader, read_scope
-from backup.sources.redis_client import (connect, execute_many, raise_first_error, redis_errors, server_info,
-                                         server_time_ms)
+from backup.sources.redis_client import (ReplyPipe, _pack, connect, execute_many, raise_first_error, redis_errors,
+                                         server_info, server_time_ms)
 from backup.sources.redis_keys import KeyMatcher, NameSorter, Scope, selector_may_match, sorted_minus
 from backup.sources.redis_records import (FORMAT_V1, FORMATS, PART_SIZE, canonical, dec, dec_bytes, display_key,
                                           record_expiry, record_key)
@@ -272,6 +272,14 @@ class _KeyWriter:
         self.skipped_examples: list[str] = []
 
     def run(self, records: Iterator[bytes]) -> None:
+        """Write every record's key, a batch a request, each request going out before the
+        previous one's replies are read (the server runs a batch while the next is packed)."""
+        with ReplyPipe(self.client) as pipe:
+            self._pipe, self._waiting = pipe, None
+            self._run(records)
+            self._check()
+
+    def _run(self, records: Iterator[bytes]) -> None:
         commands: list[tuple] = []
         cmd = commands.append
         current, skip, stream_meta = None, False, None
@@ -345,9 +353,21 @@ class _KeyWriter:
         self._execute(commands)
 
     def _execute(self, commands: list[tuple]) -> None:
-        if commands:
-            raise_first_error(execute_many(self.client, commands, transaction=self.transaction))
-            commands.clear()
+        if not commands:
+            return
+        batch = [("MULTI",), *commands, ("EXEC",)] if self.transaction else commands
+        ticket = self._pipe.send(_pack(batch), len(batch))  # MULTI/EXEC: no key seen half written
+        commands.clear()
+        self._check()
+        self._waiting = ticket
+
+    def _check(self) -> None:
+        """Read the request in flight's replies; raise its first error (EXEC's too)."""
+        if self._waiting is not None:
+            replies = raise_first_error(self._pipe.recv(self._waiting))
+            self._waiting = None
+            if self.transaction:
+                raise_first_error(replies[-1])
 
     @staticmethod
     def _finish_stream(cmd, key: bytes, meta: tuple[str, list]) -> None:

@@ -94,3 +94,30 @@ def test_postgres_new_restore_that_fails_on_a_later_table_drops_the_tables_it_cr
         tables = conn.execute("SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = "
                               "'public'::regnamespace ORDER BY 1").fetchall()
     assert tables == [("unrelated",)]
+
+
+def test_redis_write_the_server_refuses_fails_the_restore_and_is_undone(redis_url, fresh_redis_url, repo,
+                                                                          monkeypatch):
+    """Write requests are pipelined (a batch goes out before the previous one's replies are
+    read): an error reply still fails the restore, with the server's message, and mode new's
+    undo still removes every key written before and after it."""
+    import restore.targets.redis as redis_target
+    from snapshots.errors import StatevaultError
+
+    _keyspace(redis.Redis.from_url(redis_url), 2000)
+    manifest, _ = backup(repo, redis_url, patterns=["history:*", "*"], source="history")
+    real_pack, calls = redis_target._pack, []
+
+    def pack(commands):
+        calls.append(1)
+        if len(calls) == 1:  # the first write batch: one command the server refuses
+            commands = [*commands[:-1], ("SET", "history:bad", "v", "NOSUCHOPTION")]
+        return real_pack(commands)
+
+    monkeypatch.setattr(redis_target, "_pack", pack)
+    target = fresh_redis_url()
+    with pytest.raises(StatevaultError) as caught:
+        restore_snapshot(repo, _settings(redis_url), "history", manifest.id, to_url=target)
+    assert "syntax error" in caught.value.message.lower() and "were removed" in caught.value.message
+    assert len(calls) == 2  # the batch after the refused one had gone out, and no other
+    assert redis.Redis.from_url(target).dbsize() == 0
