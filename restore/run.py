@@ -71,8 +71,9 @@ class _Tee:
     """
 
     def __init__(self, blocks: Iterator[list[bytes]], plan: ItemPlan, canonical: Callable[[bytes], bytes] | None,
-                 written: Callable[[bytes], bool] | None):
+                 written: Callable[[bytes], bool] | None, log=None):
         self._blocks, self._plan, self._canonical, self._written = blocks, plan, canonical, written
+        self.log = log  # a target's ttl_log: the expiries of the records written, for its TTL check
         self.digest = RecordDigest(plan.item.digest_algo)
         self.bytes = 0
         self.filtered = plan.record_filter is not None or written is not None
@@ -85,7 +86,11 @@ class _Tee:
             counted = records if written is None else list(filter(written, records))
             self.digest.update(counted if canonical is None else map(canonical, counted))
             self.bytes += sum(map(len, counted))
+            if self.log is not None:
+                self.log.add(counted)
             yield from records
+        if self.log is not None:
+            self.log.finish()
 
 
 def _check_options(mode: str, ttl: str, only: list[str], into: str | None) -> None:
@@ -163,8 +168,9 @@ def _write(repo: Repository, target, plans: list[ItemPlan], options: RestoreOpti
     for plan in plans:
         canon = None if getattr(target, "canonical_is_identity", False) else _canonical(target, plan)
         written = getattr(target, "written_filter", None)
+        ttl_log = getattr(target, "ttl_log", None)
         tee = _Tee(repo.iter_record_blocks(plan.item), plan, canon,
-                   written(plan, options) if written else None)
+                   written(plan, options) if written else None, ttl_log() if ttl_log else None)
         try:
             target.restore(plan, iter(tee), options)
         except CorruptChunkError as exc:
@@ -242,13 +248,14 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
         if ttl_check is not None and check.ok:
             keep = plan.record_filter
             records = (r for r in repo.iter_records(item) if keep is None or keep(r))
-            ttls = ttl_check(plan, records) if log is None else ttl_check(plan, records, log)
+            ttls = ttl_check(plan, records) if log is None else ttl_check(plan, records, log, tee.log)
             if not ttls.get("passed", True):
                 check.problems.append(f"TTLs differ: {ttls.get('ttl_differs')} keys")
                 check.diff = {"ttl": ttls}
     finally:
-        if log is not None:
-            log.close()
+        for used in (log, tee.log):
+            if used is not None:
+                used.close()
     if not check.ok and not check.diff:
         custom = getattr(target, "diff", None)
         keep = plan.record_filter

@@ -243,13 +243,13 @@ class RedisTarget:
         """The key name: text when UTF-8, else "b64:<base64>" (JSON-safe, for reports)."""
         return display_key(record_key(record))
 
-    def verify_ttls(self, plan: ItemPlan, records: Iterator[bytes], read=None) -> dict:
+    def verify_ttls(self, plan: ItemPlan, records: Iterator[bytes], read=None, wrote=None) -> dict:
         from restore.targets.redis_verify import verify_ttls
 
-        return verify_ttls(self, plan, records, read)
+        return verify_ttls(self, plan, records, read, wrote)
 
     def ttl_log(self):
-        """An ExpiryLog for the verification's read-back (see verify_ttls)."""
+        """An ExpiryLog, for the records a restore writes and for its read-back (verify_ttls)."""
         from restore.targets.redis_verify import ExpiryLog
 
         return ExpiryLog()
