@@ -235,7 +235,7 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
     parts = getattr(target, "read_back_parts", None)
     streams = parts(plan) if parts is not None else None
     ttl_check = getattr(target, "verify_ttls", None)
-    # Redis: the read-back's own expiries, logged as it is digested, serve the TTL check
+    # Redis: the read-back's expiries, logged as it is digested, against those the tee logged on the way in
     log = target.ttl_log() if ttl_check is not None and hasattr(target, "ttl_log") else None
     try:
         if streams:  # read concurrently by several server processes (PostgreSQL, big tables)
