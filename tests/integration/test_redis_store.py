@@ -259,11 +259,16 @@ def test_ttl_reset_reapplies_the_length_and_none_persists(redis_url, fresh_redis
     assert target.verify_ttls(plan, repo.iter_records(manifest.items[0]))["passed"]
 
 
-@pytest.mark.parametrize("ttl", ["keep", "reset", "none"])
+@pytest.mark.parametrize("ttl, target_server", [("keep", "redis_server"), ("reset", "redis_server"),
+                                                ("none", "redis_server"), ("keep", "redis6_server"),
+                                                ("reset", "redis6_server")])
 def test_a_restore_checks_ttls_from_its_read_back_without_a_second_lookup(redis_url, fresh_redis_url, repo,
-                                                                          small_parts, monkeypatch, ttl):
+                                                                          small_parts, monkeypatch, ttl,
+                                                                          target_server, request):
     """The orchestrator's TTL check compares the expiries the verification's read-back already
-    fetched (one TYPE per key on the target: the read-back's), and still catches a wrong one."""
+    fetched (one TYPE per key on the target: the read-back's) with those of the records it
+    wrote, and still catches a wrong one; on 6.2 too, where the read-back's expiries come from
+    PTTL bracketed by TIME."""
     from restore.run import restore_snapshot
     from snapshots.settings import Settings
 
@@ -275,14 +280,15 @@ def test_a_restore_checks_ttls_from_its_read_back_without_a_second_lookup(redis_
             c.pexpire(f"l:{i}", 7_200_000)
     manifest, _ = backup(repo, redis_url, source="history")
     cfg = Settings(sources={"history": {"kind": "redis", "url": redis_url}})
-    dst = fresh_redis_url()
+    server = request.getfixturevalue(target_server)
+    dst = fresh_redis_url(server)
     redis.Redis.from_url(dst).config_resetstat()  # command counts are per server, not per DB
     result = restore_snapshot(repo, cfg, "history", manifest.id, to_url=dst, ttl=ttl)
     assert result.ok and result.records_restored > 600
     stats = redis.Redis.from_url(dst).info("commandstats")
     assert stats["cmdstat_type"]["calls"] == 600  # the read-back's only: no lookup round
 
-    wrong = fresh_redis_url()
+    wrong = fresh_redis_url(server)
     read_back = RedisTarget.read_back
 
     def drifting(self, plan, ordered=True):  # a key's expiry changes after the restore wrote it
