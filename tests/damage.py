@@ -46,10 +46,11 @@ class Damage:
         self._write(key, bytes(data))
 
 
-def damage_late_chunk(repo_url: str, item, how: str = "flip", s3_server=None) -> str:
-    """Damage a chunk three quarters into `item` (a manifest Item of at least 4 chunks), so a
-    restore of it fails after it has written the records before that chunk; returns its id."""
+def damage_late_chunk(repo_url: str, item, how: str = "flip", s3_server=None, last: bool = False) -> str:
+    """Damage a chunk three quarters into `item` (a manifest Item of at least 4 chunks), or its
+    last one, so a restore of it fails after it has written the records before that chunk;
+    returns its id."""
     assert len(item.chunks) >= 4, len(item.chunks)
-    cid = item.chunks[len(item.chunks) * 3 // 4].id
+    cid = item.chunks[-1 if last else len(item.chunks) * 3 // 4].id
     Damage(repo_url, s3_server)(how, cid)
     return cid

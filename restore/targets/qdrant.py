@@ -29,9 +29,10 @@ Modes (`plan` refuses before any write):
   collection is left behind (no alias points at it, the source does not back it up) and is
   deleted by the next swap of that name once more than a day old.
 
-A restore that fails (rather than being killed) drops what it created: `undo` deletes a
-collection mode new created and a swap's staging collection. Points added to a collection that
-existed empty stay (a note of the error says what is left).
+A restore that fails (rather than being killed) undoes what it wrote: `undo` drops a
+collection mode new created and a swap's staging collection, and deletes the points mode new
+wrote into a collection that existed empty (their ids are logged to a temp file before each
+batch goes out).
 
 Vector layout gate: an existing target collection whose vector names, sizes, distances,
 datatypes or sparse vector names differ from the snapshot's is refused (IncompatibleTargetError)
@@ -45,10 +46,12 @@ from __future__ import annotations
 
 import re
 import secrets
+import tempfile
 import warnings
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
+import orjson
 
 from backup.sources.qdrant import (ITEM_KIND, STAGING_MARK, QdrantHandle, connect_qdrant, iter_collection_records,
                                    qdrant_call)
@@ -86,6 +89,7 @@ class QdrantTarget:
         self.url, self.path, self.api_key = url, path, api_key
         self._handle: QdrantHandle | None = None
         self._created: list[tuple[ItemPlan, str]] = []  # collections restore() created, for undo
+        self._written: list[tuple[ItemPlan, str, Any]] = []  # (plan, collection, ids file): mode new, existing
 
     # ---- connection ----------------------------------------------------------------------
     @property
@@ -99,6 +103,7 @@ class QdrantTarget:
         return self.handle.client
 
     def close(self) -> None:
+        self.close_logs()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -223,18 +228,39 @@ class QdrantTarget:
         elif d["physical"] is None:
             self._create(write_to, schema)
             self._created.append((plan, write_to))
+        else:  # mode new into an existing, empty collection: undo deletes the points written
+            self._written.append((plan, write_to, tempfile.TemporaryFile(prefix="statevault-ids-")))
         self._upsert_all(write_to, records, schema, plan.item.format, options)
         self._payload_indexes(write_to, schema)
 
     def undo(self, plans: list[ItemPlan]) -> str | None:
         """After a failed restore: drop the collections a restore of `plans` created (a new
-        collection, or a swap's staging copy: the live one is untouched until the switch)."""
+        collection, or a swap's staging copy: the live one is untouched until the switch), and
+        delete the points it wrote into a collection that was empty (mode new)."""
+        from qdrant_client import models
+
+        said = []
         dropped = [name for plan, name in self._created if any(plan is p for p in plans)]
         for name in dropped:
             with qdrant_call(f"drop collection {name!r} of the failed restore"):
                 self.client.delete_collection(name)
-        self._created = []
-        return f"the collection(s) it had created were dropped: {', '.join(dropped)}" if dropped else None
+        if dropped:
+            said.append(f"the collection(s) it had created were dropped: {', '.join(dropped)}")
+        for plan, name, ids in self._written:
+            if any(plan is p for p in plans):
+                ids.seek(0)
+                for line in ids:
+                    with qdrant_call(f"delete the points the failed restore wrote into {name!r}"):
+                        self.client.delete(name, points_selector=models.PointIdsList(points=orjson.loads(line)),
+                                           wait=True)
+                said.append(f"the points it had written into {name!r} were deleted")
+        self.close_logs()
+        return "; ".join(said) or None
+
+    def close_logs(self) -> None:
+        for _, _, ids in self._written:
+            ids.close()
+        self._created, self._written = [], []
 
     def _create(self, name: str, schema: dict) -> None:
         from qdrant_client.http.exceptions import UnexpectedResponse
@@ -268,6 +294,10 @@ class QdrantTarget:
             self._upsert(name, batch)
 
     def _upsert(self, name: str, points: list) -> None:
+        for _, written_to, ids in self._written:
+            if written_to == name:  # the ids, before the points go out
+                ids.write(orjson.dumps([p.id for p in points]) + b"\n")
+
         def upsert():
             with qdrant_call(f"upsert {len(points)} points into {name!r}"):
                 self.client.upsert(name, points=points, wait=True)

@@ -373,16 +373,21 @@ def test_swap_killed_midway_leaves_live_collection_untouched(store, file_repo_ur
 def test_a_failed_swap_drops_its_staging_copy_and_leaves_the_live_collection(store, file_repo_url, qdrant_path):
     repo = small_repo(file_repo_url)
     manifest, _ = backup(repo, qdrant_path)
-    damage_late_chunk(file_repo_url, manifest.item("kb"))  # found after the first upsert batches
+    damage_late_chunk(file_repo_url, manifest.item("kb"), last=True)  # after a first batch of 256 points
     store.client.delete(collection_name="kb", points_selector=m.PointIdsList(points=[3]))
     live = records_of(store, "kb")
     names = {c.name for c in store.client.get_collections().collections}
+    store.close()  # local mode: a client keeps what it loaded; look again with a fresh one below
     with pytest.raises(CorruptChunkError) as caught:
         _run_restore(file_repo_url, qdrant_path, "swap")
     assert "collection(s) it had created were dropped: kb__sv_" in caught.value.message
-    assert {c.name for c in store.client.get_collections().collections} == names
-    assert store.client.get_aliases().aliases == []
-    assert records_of(store, "kb") == live
+    handle = connect_qdrant(path=str(qdrant_path))
+    try:
+        assert {c.name for c in handle.client.get_collections().collections} == names
+        assert handle.client.get_aliases().aliases == []
+        assert records_of(handle, "kb") == live
+    finally:
+        handle.close()
 
 
 def test_a_failed_new_restore_drops_the_collection_it_created(store, file_repo_url, qdrant_path, tmp_path):
@@ -398,6 +403,33 @@ def test_a_failed_new_restore_drops_the_collection_it_created(store, file_repo_u
     handle = connect_qdrant(path=str(other))
     try:
         assert handle.client.get_collections().collections == []
+    finally:
+        handle.close()
+
+
+def test_a_failed_new_restore_into_an_empty_collection_deletes_the_points_it_wrote(store, file_repo_url,
+                                                                                   qdrant_path, monkeypatch):
+    repo = small_repo(file_repo_url)
+    manifest, _ = backup(repo, qdrant_path)
+    damage_late_chunk(file_repo_url, manifest.item("kb"), last=True)  # after a first batch of 256 points
+    store.client.create_collection("kb_empty", **create_collection_kwargs(manifest.item("kb").schema))
+    cfg = Settings(sources={"kb": {"kind": "qdrant", "path": str(qdrant_path)}})
+    written = []
+    undo = QdrantTarget.undo
+
+    def counting_undo(self, plans):
+        written.append(self.client.count("kb_empty").count)
+        return undo(self, plans)
+
+    monkeypatch.setattr(QdrantTarget, "undo", counting_undo)
+    with pytest.raises(CorruptChunkError) as caught:
+        restore_snapshot(repo, cfg, "kb", "latest", only=["kb"], into="kb_empty")
+    assert written[0] >= 256  # a batch had gone in before the damaged chunk
+    assert "the points it had written into 'kb_empty' were deleted" in caught.value.message
+    handle = connect_qdrant(path=str(qdrant_path))  # a fresh client: local mode caches what it loaded
+    try:
+        assert handle.client.count("kb_empty").count == 0
+        assert handle.client.collection_exists("kb_empty")  # it was there before: kept, empty
     finally:
         handle.close()
 
