@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.context import console, emit_json, err_console, fmt_time, human_bytes, state, with_repository
+from cli.context import (console, emit_json, err_console, fmt_time, human_bytes, state, stopped_by_signals,
+                         with_repository)
 from snapshots.errors import StatevaultError, UsageError, VerificationError
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
@@ -133,8 +134,10 @@ def restore(ctx: typer.Context,
             if not typer.confirm(f"Restore {snapshot} of {source} with --mode {mode} (live data is replaced)?"):
                 raise typer.Exit(1)
         try:
-            result = restore_snapshot(repo, settings, source, snapshot, at=_parse_at(at), only=only or [], to_url=to,
-                                      to_path=to_path, into=into, mode=mode, ttl=ttl, dry_run=dry_run)
+            with stopped_by_signals():  # an interrupted restore undoes what it wrote (restore/run.py)
+                result = restore_snapshot(repo, settings, source, snapshot, at=_parse_at(at), only=only or [],
+                                          to_url=to, to_path=to_path, into=into, mode=mode, ttl=ttl,
+                                          dry_run=dry_run)
         except VerificationError as exc:
             if json and exc.report:
                 emit_json(exc.report)

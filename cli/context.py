@@ -2,6 +2,7 @@
 one place), and output (JSON for scripts, rich for people)."""
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,3 +73,22 @@ def human_bytes(n: int | float | None) -> str:
 
 def fmt_time(t) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%SZ") if t else "-"
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM (systemd, Kubernetes, `timeout`) and Ctrl-C raise Aborted where the command is,
+    so a restore undoes what it wrote and says so before the process exits (killed by the
+    signal, it could not). The previous handlers come back afterwards."""
+    from snapshots.errors import Aborted
+
+    def stop(signum, frame) -> None:
+        raise Aborted(f"interrupted by {signal.Signals(signum).name}",
+                      hint="Run the command again when ready.")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,50 @@
+"""An operator's restore stopped by SIGTERM (systemd, Kubernetes, `timeout`) or Ctrl-C undoes
+what it wrote before the process exits, and says so; the process exits 1."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def statevault(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "cli.app", "-c", str(config), *args]
+
+
+def test_sigterm_mid_restore_removes_the_keys_it_wrote(redis_url, fresh_redis_url, tmp_path):
+    source = fresh_redis_url()
+    pipe = redis.Redis.from_url(source).pipeline(transaction=False)
+    for i in range(100_000):
+        pipe.set(f"history:u{i}", f"turn {i} " * 30, px=3_600_000)
+    pipe.execute()
+    config = tmp_path / "statevault.toml"
+    config.write_text(f'[repository]\nurl = "{(tmp_path / "repo").as_uri()}"\n\n'
+                      f'[sources.history]\nkind = "redis"\nurl = "{source}"\n', encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (("init",), ("backup", "history")):
+        subprocess.run(statevault(config, *args), cwd=ROOT, env=env, check=True, capture_output=True)
+
+    target = fresh_redis_url()
+    t = redis.Redis.from_url(target)
+    proc = subprocess.Popen(statevault(config, "restore", "latest", "--source", "history", "--to", target),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while t.dbsize() < 1000:  # writing has begun
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "interrupted by SIGTERM" in err and "key(s) it had written were removed" in err, err
+    assert t.dbsize() == 0
