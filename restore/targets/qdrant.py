@@ -103,7 +103,7 @@ class QdrantTarget:
         return self.handle.client
 
     def close(self) -> None:
-        self.close_logs()
+        self._forget_writes()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -254,10 +254,11 @@ class QdrantTarget:
                         self.client.delete(name, points_selector=models.PointIdsList(points=orjson.loads(line)),
                                            wait=True)
                 said.append(f"the points it had written into {name!r} were deleted")
-        self.close_logs()
+        self._forget_writes()
         return "; ".join(said) or None
 
-    def close_logs(self) -> None:
+    def _forget_writes(self) -> None:
+        """Forget what undo would remove (closing the id logs)."""
         for _, _, ids in self._written:
             ids.close()
         self._created, self._written = [], []
