@@ -42,6 +42,15 @@ BATCH = 500
 CATEGORIES = ("missing", "expired", "extra", "type_differs", "value_differs", "ttl_differs")
 
 
+def expiry_window(details: dict, snap_x, now_ms: int):
+    """(lo, hi): where the target's expiry must fall (before TOLERANCE_MS) for a snapshot expiry
+    under --ttl keep or reset; `snap_x` is an int, or a numpy array of them."""
+    if details.get("ttl_mode", "keep") == "keep":
+        return snap_x, snap_x
+    ttl = snap_x - details["cut_time_ms"]
+    return details.get("restore_started_ms", now_ms) + ttl, details.get("restore_finished_ms", now_ms) + ttl
+
+
 def ttl_problem(details: dict, snap_x: int | None, actual_x: int | None, now_ms: int) -> str | None:
     """Why the target's expiry is wrong for this key, or None when it is right."""
     mode = details.get("ttl_mode", "keep")
@@ -49,12 +58,7 @@ def ttl_problem(details: dict, snap_x: int | None, actual_x: int | None, now_ms:
         return None if actual_x is None else f"expected no expiry, found {actual_x}"
     if actual_x is None:
         return "expected an expiry, found none"
-    if mode == "keep":
-        lo = hi = snap_x
-    else:
-        ttl = snap_x - details["cut_time_ms"]
-        lo = details.get("restore_started_ms", now_ms) + ttl
-        hi = details.get("restore_finished_ms", now_ms) + ttl
+    lo, hi = expiry_window(details, snap_x, now_ms)
     if lo - TOLERANCE_MS <= actual_x <= hi + TOLERANCE_MS:
         return None
     return f"expiry {actual_x} outside [{lo}, {hi}] +/- {TOLERANCE_MS} ms"
@@ -201,12 +205,7 @@ def _logs_differ(details: dict, wrote: ExpiryLog, read: ExpiryLog, now_ms: int) 
         if mode == "none":
             bad = a >= 0
         else:
-            if mode == "keep":
-                lo = hi = e
-            else:
-                ttl = e - details["cut_time_ms"]
-                lo = details.get("restore_started_ms", now_ms) + ttl
-                hi = details.get("restore_finished_ms", now_ms) + ttl
+            lo, hi = expiry_window(details, e, now_ms)
             bad = np.where(none, a >= 0, (a < 0) | (a < lo - TOLERANCE_MS) | (a > hi + TOLERANCE_MS))
         if bad.any():
             return True
