@@ -261,32 +261,62 @@ def execute_packed(client, payload: bytes, count: int) -> list:
 
 
 def _read_hiredis(sock, count: int) -> list:
-    from redis.exceptions import InvalidResponse, ResponseError
+    from redis.exceptions import InvalidResponse
 
-    reader = _hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
-    out = _read_replies(reader, sock, count)
-    if reader.has_data():
+    replies = _HiredisReplies(sock)
+    out = replies.read(count)
+    if replies.has_data():
         raise InvalidResponse("more replies than commands sent")
     return out
 
 
-def _read_replies(reader, sock, count: int) -> list:
-    """`count` replies from a hiredis reader, fed from `sock` as needed."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
+class _HiredisReplies:
+    """Replies parsed by hiredis off a socket, as they are asked for.
 
-    out: list = []
-    append, gets, feed, recv = out.append, reader.gets, reader.feed, sock.recv
-    while len(out) < count:
-        # RESP2 has no boolean replies: False only ever means "need more data"
-        reply = gets()
-        if reply is False:
-            data = recv(1 << 20)
-            if not data:
-                raise RedisConnectionError("the server closed the connection")
-            feed(data)
-        else:
-            append(reply)
-    return out
+    One recv takes up to a MB, and hiredis is fed 64 KB of it at a time: after each reply that
+    ends past its buffer's first KB, hiredis moves the unread rest of its buffer to the front,
+    so with a whole MB fed every small reply cost a move of up to a MB (a read loop of 200k
+    keys spent 11% of its CPU so: 0.80 s against 0.90 s, medians of 12 alternating runs). What
+    is received but not fed yet waits here, for the next `read`."""
+
+    RECV_SIZE = 1 << 20
+    FEED_SIZE = 64 << 10
+
+    def __init__(self, sock):
+        from redis.exceptions import InvalidResponse, ResponseError
+
+        self.sock = sock
+        self.reader = _hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
+        self._data, self._pos = b"", 0  # received; fed to hiredis up to _pos
+
+    def read(self, count: int) -> list:
+        """The next `count` replies (errors in place)."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        out: list = []
+        append, gets, feed, recv = out.append, self.reader.gets, self.reader.feed, self.sock.recv
+        data, pos, step = self._data, self._pos, self.FEED_SIZE
+        try:
+            while len(out) < count:
+                # RESP2 has no boolean replies: False only ever means "need more data"
+                reply = gets()
+                if reply is False:
+                    if pos == len(data):
+                        data, pos = recv(self.RECV_SIZE), 0
+                        if not data:
+                            raise RedisConnectionError("the server closed the connection")
+                    n = min(step, len(data) - pos)
+                    feed(data, pos, n)
+                    pos += n
+                else:
+                    append(reply)
+        finally:
+            self._data, self._pos = data, pos
+        return out
+
+    def has_data(self) -> bool:
+        """Whether anything was received that no `read` has returned yet."""
+        return self._pos < len(self._data) or self.reader.has_data()
 
 
 class ReplyPipe:
@@ -303,22 +333,20 @@ class ReplyPipe:
     the caller keeps at most two requests in flight."""
 
     def __init__(self, client):
-        self.client, self._conn, self._reader = client, None, None
+        self.client, self._conn, self._replies = client, None, None
         self._queue: deque = deque()   # (ticket, count, payload or None) sent, not read yet
         self._ready: dict[int, list] = {}
         self._tickets = 0
 
     def __enter__(self) -> "ReplyPipe":
         if _hiredis is not None:
-            from redis.exceptions import InvalidResponse, ResponseError
-
             pool = self.client.connection_pool
             conn = pool.get_connection()
             if getattr(conn, "_sock", None) is None:
                 pool.release(conn)
             else:
                 self._conn = conn
-                self._reader = _hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
+                self._replies = _HiredisReplies(conn._sock)
         return self
 
     def send(self, payload: bytes, count: int) -> int:
@@ -341,7 +369,7 @@ class ReplyPipe:
                 self._ready[t] = execute_packed(self.client, payload, count)
                 continue
             try:
-                self._ready[t] = _read_replies(self._reader, self._conn._sock, count)
+                self._ready[t] = self._replies.read(count)
             except BaseException:
                 self._drop()
                 raise
@@ -356,7 +384,7 @@ class ReplyPipe:
 
     def __exit__(self, *exc) -> None:
         if self._conn is not None:
-            if self._queue or self._reader.has_data():
+            if self._queue or self._replies.has_data():
                 self._conn.disconnect()  # replies left unread: never hand this connection out again
             self.client.connection_pool.release(self._conn)
             self._conn = None

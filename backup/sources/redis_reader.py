@@ -129,7 +129,14 @@ class KeyReader:
             yield from zip(block.records, block.canonicals)
 
     def read_blocks(self, keys: Iterable[bytes]) -> Iterator[RecordBlock]:
-        """`read` a value request's records at a time (no Python call per record)."""
+        """`read` a value request's records at a time (no Python call per record).
+
+        On the wire, a batch's value requests go before the next batch's types request, so
+        the many small types replies reach hiredis after the big values reply, not in front
+        of it: hiredis moves the unread rest of its buffer down each time it has consumed
+        1 KB, and ~2 MB of values waiting behind a thousand small replies made that ~20 moves
+        of ~1 MB per batch (perf: 6% of the backup's CPU in `sdsrange`; the read loop's CPU
+        0.94 -> 0.88 s per 200k keys)."""
         it = iter(keys)
         batch = list(islice(it, self.batch_size))
         if not batch:
@@ -141,11 +148,12 @@ class KeyReader:
             while batch:
                 kinds, expiries = self._types_reply(batch, bulks, pipe.recv(types))
                 following = list(islice(it, self.batch_size))
-                if following:
+                sent = [(segment, pipe.send(segment.payload, segment.count))
+                        for segment in self._segments(batch, bulks, kinds, expiries)]
+                if following:  # asked after the values: see the docstring
                     next_bulks = _bulks(following)
                     types = pipe.send(*self._types_request(following, next_bulks))
-                for segment in self._segments(batch, bulks, kinds, expiries):
-                    ticket = pipe.send(segment.payload, segment.count)
+                for segment, ticket in sent:
                     if previous is not None:
                         yield self._emit_block(previous[0], pipe.recv(previous[1]))
                     previous = segment, ticket

@@ -86,6 +86,35 @@ def test_scan_pages_lists_every_key_once_over_many_pipelined_pages(redis_url, mo
     assert client.execute_command("DBSIZE") == len(keys)
 
 
+def test_pipelined_replies_survive_any_cut_of_the_byte_stream(redis_url, monkeypatch):
+    """Replies are received a RECV_SIZE at a time and fed to hiredis a FEED_SIZE at a time;
+    what is received but not fed waits for the next request's replies. With both sizes tiny
+    and prime, replies are cut at every kind of place (inside a bulk, between requests), and
+    every request still gets exactly its own replies, in order."""
+    from backup.sources import redis_client
+
+    c = redis.Redis.from_url(redis_url)
+    values = {b"s:%03d" % i: b"v" * (i * 7 % 300) for i in range(200)}
+    c.mset(values)
+    c.rpush(b"l", *[b"e%d" % i for i in range(50)])
+    keys = sorted(values)
+    for recv_size, feed_size in [(13, 5), (997, 61), (1 << 20, 64 << 10)]:
+        monkeypatch.setattr(redis_client._HiredisReplies, "RECV_SIZE", recv_size)
+        monkeypatch.setattr(redis_client._HiredisReplies, "FEED_SIZE", feed_size)
+        client = redis_client.connect(redis_url)
+        with redis_client.ReplyPipe(client) as pipe:
+            tickets = [(pipe.send(redis_client._pack([("MGET", *keys[i:i + 40])]), 1), keys[i:i + 40])
+                       for i in range(0, len(keys), 40)]
+            lrange = pipe.send(redis_client._pack([("LRANGE", b"l", 0, -1), ("TYPE", b"l"), ("GET", b"l")]), 3)
+            for ticket, asked in reversed(tickets):  # later tickets first: earlier replies are kept
+                assert pipe.recv(ticket) == [[values[k] for k in asked]]
+            elements, kind, wrong = pipe.recv(lrange)
+            assert elements == [b"e%d" % i for i in range(50)] and kind == b"list"
+            assert isinstance(wrong, redis.ResponseError)
+        assert redis_client.execute_packed(client, redis_client._pack([("GET", b"s:001")]), 1) == [values[b"s:001"]]
+        client.close()
+
+
 # ---- backup + restore --------------------------------------------------------------------
 
 def test_round_trip_every_type_on_redis7(redis_url, fresh_redis_url, repo, small_parts):
