@@ -26,6 +26,7 @@ from backup.sources.base import ItemSpec
 from backup.sources.qdrant_config import collection_schema, vector_layout
 from backup.sources.qdrant_local import iter_local_pages, local_collection
 from backup.sources.qdrant_records import FORMAT, PointEncoder
+from backup.sources.qdrant_rest import iter_rest_pages, rest_api
 from snapshots.errors import NotFoundError, SourceError, StatevaultError
 from snapshots.manifest import utcnow
 from snapshots.settings import redact_url
@@ -33,9 +34,12 @@ from snapshots.settings import redact_url
 ITEM_KIND = "collection"
 PAGE_SIZE = 512
 STAGING_MARK = "__sv_"  # restore/targets/qdrant.py names its staging collections <name>__sv_<stamp>
-# read local-mode collections directly (qdrant_local.py); False reads them through `scroll`, as a
-# server is read: bench_qdrant.py uses it to measure the encoder's cost over the scroll alone
+# read local-mode collections directly (qdrant_local.py); False reads them through `scroll`:
+# bench_qdrant.py uses it to measure the encoder's cost over the scroll alone
 LOCAL_DIRECT_READ = True
+# read a server's pages through its REST scroll parsed with orjson (qdrant_rest.py); False reads
+# them through qdrant-client's `scroll` (pydantic models), as the bench's reference does
+REST_DIRECT_READ = True
 
 
 # ---- clients -----------------------------------------------------------------------------
@@ -148,12 +152,23 @@ def qdrant_call(what: str) -> Iterator[None]:
 def iter_pages(client: Any, name: str, page_size: int = PAGE_SIZE) -> Iterator[list]:
     """Scroll pages of a collection (or alias), in point id order, vectors and payloads included.
     In local mode, read from the collection itself (qdrant_local.py: one sort of the ids, not
-    one per page), unless this qdrant-client's internals are not the ones it knows."""
-    with qdrant_call(f"scroll collection {name!r}"):
+    one per page); from a server, through its REST scroll without pydantic (qdrant_rest.py);
+    either unless this qdrant-client's internals are not the ones they know."""
+    what = f"scroll collection {name!r}"
+    with qdrant_call(what):
         collection = local_collection(client, name) if LOCAL_DIRECT_READ else None
     if collection is not None:
         yield from iter_local_pages(collection, page_size)
         return
+    api = rest_api(client) if REST_DIRECT_READ else None
+    if api is not None:
+        pages = iter_rest_pages(api, name, page_size)
+        while True:
+            with qdrant_call(what):
+                page = next(pages, None)
+            if page is None:
+                return
+            yield page
     offset = None
     while True:
         with qdrant_call(f"scroll collection {name!r}"):

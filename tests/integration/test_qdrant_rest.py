@@ -1,0 +1,133 @@
+"""The REST scroll read (backup/sources/qdrant_rest.py) against qdrant-client's own `scroll`,
+over HTTP, on the same responses.
+
+No Qdrant server can be installed on the development machine, so the server here is a
+stand-in: a real HTTP server answering Qdrant's REST scroll from a qdrant-client local-mode
+collection, with qdrant-client's own response models serialized as JSON (the shapes Qdrant's
+OpenAPI schema gives). Both read paths parse the very same bytes; what is compared is what
+the backup writes from them.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import orjson
+import pytest
+from qdrant_client import QdrantClient
+from qdrant_client import models as m
+
+import backup.sources.qdrant as qdrant_source
+from backup.sources.qdrant import iter_pages
+from backup.sources.qdrant_config import collection_schema, vector_layout
+from backup.sources.qdrant_records import FORMAT, PointEncoder
+from backup.sources.qdrant_rest import rest_api
+from snapshots.errors import NotFoundError
+
+
+class _StandIn(BaseHTTPRequestHandler):
+    local: QdrantClient
+    seen: list
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.path, body, self.headers.get("api-key")))
+        name = self.path.split("/")[2]
+        try:
+            points, offset = self.local.scroll(name, limit=body["limit"], offset=body.get("offset"),
+                                               with_payload=body["with_payload"], with_vectors=body["with_vector"])
+        except ValueError as exc:  # local mode: "Collection ... not found"
+            return self._send(404, orjson.dumps({"status": {"error": f"Not found: {exc}"}, "time": 0.0}))
+        reply = m.InlineResponse20019(result=m.ScrollResult(points=points, next_page_offset=offset),
+                                      status="ok", time=0.001)
+        self._send(200, reply.model_dump_json().encode())
+
+    def _send(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    local = QdrantClient(path=str(tmp_path / "qdrant"))
+    rng = np.random.default_rng(5)
+    local.create_collection("mixed", vectors_config={
+        "text": m.VectorParams(size=4, distance="Cosine"),
+        "img": m.VectorParams(size=3, distance="Dot"),
+        "mv": m.VectorParams(size=2, distance="Euclid", multivector_config=m.MultiVectorConfig(comparator="max_sim"))},
+        sparse_vectors_config={"sp": m.SparseVectorParams()})
+    points = []
+    for i in range(40):
+        vector = {"text": rng.standard_normal(4).tolist()}
+        if i % 3:
+            vector["img"] = rng.standard_normal(3).tolist()
+        if i % 4 == 1:
+            vector["sp"] = m.SparseVector(indices=[i, i + 9], values=[0.125, -2.5])
+        if i % 5 == 2:
+            vector["mv"] = rng.standard_normal((1 + i % 3, 2)).tolist()
+        pid = i if i % 2 else str(uuid.UUID(int=i * 7919))
+        points.append(m.PointStruct(id=pid, vector=vector, payload={"n": i, "text": f"caf\u00e9 {i}", "f": i / 3,
+                                                                    "nested": {"tags": ["a", i], "none": None}}))
+    local.upsert("mixed", points)
+    handler = type("Handler", (_StandIn,), {"local": local, "seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = QdrantClient(url=f"http://127.0.0.1:{server.server_port}", api_key="k3y", https=False,
+                          check_compatibility=False)
+    try:
+        yield local, client, handler.seen
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        local.close()
+
+
+def _records(client, local, monkeypatch, direct: bool) -> tuple[list[int], list[bytes]]:
+    monkeypatch.setattr(qdrant_source, "REST_DIRECT_READ", direct)
+    encoder = PointEncoder(vector_layout(collection_schema(local.get_collection("mixed"), local=False)), False, FORMAT)
+    sizes, lines = [], []
+    for page in iter_pages(client, "mixed", page_size=7):
+        sizes.append(len(page))
+        lines += encoder.encode(page).lines
+    return sizes, lines
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_the_rest_read_writes_what_scroll_writes(stand_in, monkeypatch):
+    local, client, seen = stand_in
+    assert rest_api(client) is not None and rest_api(local) is None
+    sizes, direct = _records(client, local, monkeypatch, True)
+    asked = list(seen)
+    seen.clear()
+    assert (sizes, direct) == _records(client, local, monkeypatch, False)
+    assert sizes == [7] * 5 + [5] and len(set(direct)) == 40
+    decoded = [orjson.loads(line) for line in direct]
+    assert {type(r["id"]) for r in decoded} == {int, str}
+    assert sum("sp" in r["vector"] for r in decoded) == 10 and sum("mv" in r["vector"] for r in decoded) == 8
+    # the same requests as qdrant-client's: body, paging by the returned offset, the api key
+    assert asked == seen
+    assert asked[0] == ("/collections/mixed/points/scroll", {"limit": 7, "with_payload": True, "with_vector": True},
+                        "k3y")
+    assert all(body["offset"] is not None for _, body, _ in asked[1:])
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_a_refused_rest_read_is_the_same_error_as_a_refused_scroll(stand_in, monkeypatch):
+    _, client, _ = stand_in
+    errors = []
+    for direct in (True, False):
+        monkeypatch.setattr(qdrant_source, "REST_DIRECT_READ", direct)
+        with pytest.raises(NotFoundError) as info:
+            next(iter_pages(client, "missing"))
+        errors.append(info.value.message)
+    assert errors[0] == errors[1] and "missing" in errors[0]
