@@ -79,8 +79,10 @@ def snapshot_source(repo: Repository, name: str, source_settings, *, tags: Itera
     Returns the committed manifest and the writer's stats. Raises on failure; a failure before
     commit leaves no visible snapshot.
     """
-    from snapshots.errors import Aborted
+    from snapshots.errors import Aborted, raise_if_aborted
 
+    # checked first: a retry after a stop request must not start over
+    raise_if_aborted(abort, f"backup of {name} stopped before it began; no snapshot was written")
     source = open_source(source_settings, url=url, path=path)
     all_tags = list(source_settings.tags) + list(tags)
     with source.open(only=only) as cut:

@@ -1,7 +1,9 @@
 """`statevault init | backup | restore | verify`."""
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 from datetime import datetime, timezone
 from typing import Annotated, Optional
 
@@ -61,18 +63,21 @@ def backup(ctx: typer.Context,
     if not settings.sources:
         raise UsageError("no sources configured", hint="Add [sources.NAME] tables to the config file.")
     printer = None if json else _progress_printer()
-    with with_repository(ctx, create=True) as repo:
-        if printer:
-            with printer[0]:
-                result = run_backup(repo, settings, sources, tags=tag or [], progress=printer[1],
-                                    retry_attempts=settings.daemon.retry_attempts,
-                                    retry_max_wait=settings.daemon.retry_max_wait_seconds)
-        else:
-            result = run_backup(repo, settings, sources, tags=tag or [],
+    # SIGTERM / Ctrl-C: the running source stops before its manifest (no snapshot, lease released)
+    # and the rest do not start; a second signal stops at once
+    stop = threading.Event()
+    with with_repository(ctx, create=True) as repo, stopped_by_signals(stop):
+        with printer[0] if printer else contextlib.nullcontext():
+            result = run_backup(repo, settings, sources, tags=tag or [], progress=printer[1] if printer else None,
                                 retry_attempts=settings.daemon.retry_attempts,
-                                retry_max_wait=settings.daemon.retry_max_wait_seconds)
+                                retry_max_wait=settings.daemon.retry_max_wait_seconds, abort=stop)
+    stopped = None
+    if stop.is_set():
+        started = {r.source for r in result.results}
+        stopped = {"stopped_by_signal": True,
+                   "not_started": [n for n in (sources or sorted(settings.sources)) if n not in started]}
     if json:
-        emit_json(result.to_dict())
+        emit_json({**result.to_dict(), **(stopped or {})})
     else:
         table = Table("source", "kind", "status", "snapshot", "items", "records", "read", "uploaded", "time")
         for r in result.results:
@@ -83,7 +88,10 @@ def backup(ctx: typer.Context,
         for r in result.results:
             if r.error and r.error.hint:
                 err_console.print(f"hint ({r.source}): {r.error.hint}")
-    if not result.ok:
+        if stopped:
+            skipped = stopped["not_started"]
+            err_console.print("stopped by a signal" + (f"; not started: {', '.join(skipped)}" if skipped else ""))
+    if not result.ok or (stopped and stopped["not_started"]):
         raise typer.Exit(1)
 
 

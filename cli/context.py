@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -76,15 +77,23 @@ def fmt_time(t) -> str:
 
 
 @contextmanager
-def stopped_by_signals() -> Iterator[None]:
+def stopped_by_signals(requested: threading.Event | None = None) -> Iterator[None]:
     """SIGTERM (systemd, Kubernetes, `timeout`) and Ctrl-C raise Aborted where the command is,
     so a restore undoes what it wrote and says so before the process exits (killed by the
-    signal, it could not). The previous handlers come back afterwards."""
+    signal, it could not). The previous handlers come back afterwards.
+
+    With `requested`, the first signal only sets that event, for a command that stops at its
+    own next safe point (a backup: between blocks of records, before its manifest), and a
+    second one raises Aborted at once."""
     from snapshots.errors import Aborted
 
     def stop(signum, frame) -> None:
-        raise Aborted(f"interrupted by {signal.Signals(signum).name}",
-                      hint="Run the command again when ready.")
+        name = signal.Signals(signum).name
+        if requested is not None and not requested.is_set():
+            requested.set()
+            err_console.print(f"{name}: stopping before the next commit (send it again to stop at once)")
+            return
+        raise Aborted(f"interrupted by {name}", hint="Run the command again when ready.")
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
