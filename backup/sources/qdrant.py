@@ -161,19 +161,19 @@ def iter_pages(client: Any, name: str, page_size: int = PAGE_SIZE) -> Iterator[l
         yield from iter_local_pages(collection, page_size)
         return
     api = rest_api(client) if REST_DIRECT_READ else None
-    if api is not None:
-        pages = iter_rest_pages(api, name, page_size)
-        while True:
-            with qdrant_call(what):
-                page = next(pages, None)
-            if page is None:
-                return
-            yield page
+    pages = iter_rest_pages(api, name, page_size) if api is not None else _scroll_pages(client, name, page_size)
+    while True:
+        with qdrant_call(what):
+            page = next(pages, None)
+        if page is None:
+            return
+        yield page
+
+
+def _scroll_pages(client: Any, name: str, page_size: int) -> Iterator[list]:
     offset = None
     while True:
-        with qdrant_call(f"scroll collection {name!r}"):
-            points, offset = client.scroll(name, limit=page_size, offset=offset, with_payload=True,
-                                           with_vectors=True)
+        points, offset = client.scroll(name, limit=page_size, offset=offset, with_payload=True, with_vectors=True)
         if points:
             yield points
         if offset is None:
