@@ -25,6 +25,7 @@ and callers scroll when they are not (a gRPC client, a client version that moved
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 from urllib.parse import quote, urljoin
 
@@ -33,6 +34,7 @@ import orjson
 from backup.sources.qdrant_local import LocalPoint
 
 _SCROLL = "collections/{}/points/scroll"
+_NEXT = b'"next_page_offset":'
 
 
 def rest_api(client: Any) -> Any | None:
@@ -50,13 +52,20 @@ def rest_api(client: Any) -> Any | None:
 
 
 def iter_rest_pages(api: Any, name: str, page_size: int) -> Iterator[list[LocalPoint]]:
-    """Every point of collection (or alias) `name`, in scroll order, a page at a time."""
-    from qdrant_client.http.exceptions import UnexpectedResponse
+    """Every point of collection (or alias) `name`, in scroll order, a page at a time.
 
+    The next page is asked for before this one is parsed: its offset is read off the end of
+    the response (`next_page_offset` follows the points), so the server builds page N+1 while
+    page N is parsed and encoded here. A worker thread only sends the request and receives the
+    body (the GIL is free meanwhile); the parsing stays on the caller's thread. When the offset
+    read off the end is not the parsed one (a server that orders its fields otherwise), the
+    page asked for ahead is dropped and the right one asked for."""
     host = api.host if api.host.endswith("/") else api.host + "/"
     url = urljoin(host, _SCROLL.format(quote(name, safe="")))
-    offset = None
-    while True:
+
+    def fetch(offset: Any) -> bytes:
+        from qdrant_client.http.exceptions import UnexpectedResponse
+
         body = {"limit": page_size, "with_payload": True, "with_vector": True}
         if offset is not None:
             body = {"offset": offset, **body}
@@ -65,13 +74,46 @@ def iter_rest_pages(api: Any, name: str, page_size: int) -> Iterator[list[LocalP
         response = api.middleware(request, api.send_inner)
         if response.status_code != 200:
             raise UnexpectedResponse.for_response(response)
-        result = orjson.loads(response.content)["result"]
-        points = result["points"]
-        if points:
-            yield [LocalPoint(p["id"], p.get("payload"), _vector(p.get("vector"))) for p in points]
-        offset = result.get("next_page_offset")
-        if offset is None:
-            return
+        return response.content
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-scroll") as pool:
+        ahead = pool.submit(fetch, None)
+        try:
+            while True:
+                content = ahead.result()
+                guess = _trailing_offset(content)
+                if guess is not None:
+                    ahead = pool.submit(fetch, guess)
+                result = orjson.loads(content)["result"]
+                offset = result.get("next_page_offset")
+                if offset != guess:
+                    if guess is not None:
+                        ahead.cancel() or ahead.exception()  # a page not needed: wait it out
+                    if offset is not None:
+                        ahead = pool.submit(fetch, offset)
+                points = result["points"]
+                if points:
+                    yield [LocalPoint(p["id"], p.get("payload"), _vector(p.get("vector"))) for p in points]
+                if offset is None:
+                    return
+        finally:
+            ahead.cancel()
+
+
+def _trailing_offset(content: bytes) -> Any:
+    """The `next_page_offset` value at the end of a scroll response (an int or a UUID string),
+    read without parsing the points; None when there is none or it is not there."""
+    i = content.rfind(_NEXT)
+    if i < 0:
+        return None
+    start = i + len(_NEXT)
+    end = min((j for j in (content.find(b",", start), content.find(b"}", start)) if j >= 0), default=-1)
+    if end < 0:
+        return None
+    try:
+        return orjson.loads(content[start:end])
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _vector(vector: Any) -> Any:

@@ -23,6 +23,7 @@ import backup.sources.qdrant as qdrant_source
 from backup.sources.qdrant import iter_pages
 from backup.sources.qdrant_config import collection_schema, vector_layout
 from backup.sources.qdrant_records import FORMAT, PointEncoder
+from backup.sources import qdrant_rest
 from backup.sources.qdrant_rest import rest_api
 from snapshots.errors import NotFoundError
 
@@ -30,6 +31,7 @@ from snapshots.errors import NotFoundError
 class _StandIn(BaseHTTPRequestHandler):
     local: QdrantClient
     seen: list
+    offset_first = False  # next_page_offset before the points, as a server is free to order them
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -42,7 +44,11 @@ class _StandIn(BaseHTTPRequestHandler):
             return self._send(404, orjson.dumps({"status": {"error": f"Not found: {exc}"}, "time": 0.0}))
         reply = m.InlineResponse20019(result=m.ScrollResult(points=points, next_page_offset=offset),
                                       status="ok", time=0.001)
-        self._send(200, reply.model_dump_json().encode())
+        if not self.offset_first:
+            return self._send(200, reply.model_dump_json().encode())
+        result = reply.model_dump(mode="json")["result"]
+        self._send(200, orjson.dumps({"result": {"next_page_offset": result["next_page_offset"],
+                                                 "points": result["points"]}, "status": "ok", "time": 0.001}))
 
     def _send(self, status: int, data: bytes) -> None:
         self.send_response(status)
@@ -74,8 +80,10 @@ def stand_in(tmp_path):
         if i % 5 == 2:
             vector["mv"] = rng.standard_normal((1 + i % 3, 2)).tolist()
         pid = i if i % 2 else str(uuid.UUID(int=i * 7919))
-        points.append(m.PointStruct(id=pid, vector=vector, payload={"n": i, "text": f"caf\u00e9 {i}", "f": i / 3,
-                                                                    "nested": {"tags": ["a", i], "none": None}}))
+        payload = {"n": i, "text": f"caf\u00e9 {i}", "f": i / 3, "nested": {"tags": ["a", i], "none": None}}
+        if i % 7 == 6:  # what a client could mistake for the page's next offset
+            payload["next_page_offset"] = 10_000 + i
+        points.append(m.PointStruct(id=pid, vector=vector, payload=payload))
     local.upsert("mixed", points)
     handler = type("Handler", (_StandIn,), {"local": local, "seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -84,7 +92,7 @@ def stand_in(tmp_path):
     client = QdrantClient(url=f"http://127.0.0.1:{server.server_port}", api_key="k3y", https=False,
                           check_compatibility=False)
     try:
-        yield local, client, handler.seen
+        yield local, client, handler
     finally:
         client.close()
         server.shutdown()
@@ -103,13 +111,27 @@ def _records(client, local, monkeypatch, direct: bool) -> tuple[list[int], list[
 
 
 @pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
-def test_the_rest_read_writes_what_scroll_writes(stand_in, monkeypatch):
-    local, client, seen = stand_in
+@pytest.mark.parametrize("offset_first", [False, True])
+def test_the_rest_read_writes_what_scroll_writes(stand_in, monkeypatch, offset_first):
+    """Either field order: with the offset first, the page asked for ahead is sometimes the
+    wrong one (a payload's own "next_page_offset" key comes last): dropped, not used."""
+    local, client, handler = stand_in
+    handler.offset_first, seen = offset_first, handler.seen
+    guesses = []
+    guess = qdrant_rest._trailing_offset
+    monkeypatch.setattr(qdrant_rest, "_trailing_offset", lambda content: guesses.append(guess(content)) or guesses[-1])
     assert rest_api(client) is not None and rest_api(local) is None
     sizes, direct = _records(client, local, monkeypatch, True)
     asked = list(seen)
     seen.clear()
     assert (sizes, direct) == _records(client, local, monkeypatch, False)
+    offsets = [body.get("offset") for _, body, _ in seen][1:] + [None]
+    if offset_first:  # some pages were guessed wrong: asked for ahead in vain (or cancelled in time)
+        assert any(g != o for g, o in zip(guesses, offsets))
+        assert all(r[1]["offset"] >= 10_000 for r in asked if r not in seen)
+        asked = [r for r in asked if r in seen]
+    else:
+        assert guesses == offsets
     assert sizes == [7] * 5 + [5] and len(set(direct)) == 40
     decoded = [orjson.loads(line) for line in direct]
     assert {type(r["id"]) for r in decoded} == {int, str}
