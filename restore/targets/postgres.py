@@ -21,7 +21,8 @@ snapshot.
 
 Restore, one explicit transaction per item on one connection (autocommit is on between
 them, so nothing is ever committed implicitly; a failure rolls back to what was there, and
-`undo` drops the tables that earlier items of the restore created):
+`undo` drops what earlier items of the restore created: tables, and the schemas, types,
+extensions and shared sequences that did not exist before them; live.Created):
 - create: enum types, extensions and sequences, CREATE TABLE, COPY FROM STDIN in batches,
   then constraints and indexes (faster after the load), OWNED BY, setval, then comments,
   row-level security, policies, replica identity and triggers (after the load: they must not
@@ -84,7 +85,7 @@ class PostgresTarget:
         self.url = url
         self._conn = None
         self._run = secrets.token_hex(4)
-        self._created: list[tuple[ItemPlan, ddl.Placement]] = []  # committed new tables, for undo
+        self._created = live.Created()  # what committed items created, for undo
         self._staging = Staging(self._run)
         self._pending_fks: list[tuple[ItemPlan, dict]] = []
         self._to_validate: list[tuple[str, str]] = []
@@ -227,28 +228,22 @@ class PostgresTarget:
                     else:
                         self._load_existing(plan, place, records, options)
                 if d["method"] == "create":
-                    self._created.append((plan, place))  # committed: `undo` drops it if a later item fails
+                    self._created.commit(plan)  # committed: `undo` drops it if a later item fails
         except BaseException:
             # rolled back: forget the constraint work queued for it
             self._pending_fks, self._to_validate = saved
             raise
+        finally:
+            self._created.forget_item()  # rolled back, staged, or a recreate of a live table: not undone
 
     def _create(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes], options: RestoreOptions) -> None:
         spec, conn, d = plan.item.schema, self.conn, plan.details
-        self._ensure_schema(place.schema)
-        for ext in d["extensions"]:
-            conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext)))
-        for enum in d["enums"]:
-            if find_type(conn, enum["schema"], enum["name"]) is None:  # another item may have made it
-                self._ensure_schema(enum["schema"])
-                conn.execute(ddl.create_enum(enum))
-        for seq in ddl.used_sequences(spec):
-            self._ensure_schema(seq["schema"])
-            conn.execute(ddl.create_sequence(seq, place, if_not_exists=True))
+        self._created.ensure_dependencies(conn, spec, d, place)
         for seq in ddl.owned_sequences(spec):
             if not seq["identity"]:
                 conn.execute(ddl.create_sequence(seq, place))
         conn.execute(ddl.create_table(spec, place, conn))
+        self._created.add("TABLE", place.table, place.qualified)
         self._copy_in(plan, place.table, records, options)
         for stmt in ddl.after_load(spec, place):
             conn.execute(stmt)
@@ -301,11 +296,6 @@ class PostgresTarget:
         self._to_validate += live.reattach(conn, inbound)
         self._pending_fks += [(plan, fk) for fk in plan.details["foreign_keys"]]
 
-    def _ensure_schema(self, schema: str) -> None:
-        # checked first: CREATE SCHEMA IF NOT EXISTS still demands CREATE on the database
-        if not self.conn.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (schema,)).fetchone():
-            self.conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-
     def _advance_shared(self, spec: dict, place: ddl.Placement) -> None:
         for seq in ddl.used_sequences(spec):
             live.advance(self.conn, ddl.sequence_ident(seq, place), seq)
@@ -335,15 +325,11 @@ class PostgresTarget:
         self._staging.tables[plan.target] = staged
 
     def undo(self, plans: list[ItemPlan]) -> str | None:
-        """After a failed restore: drop the tables items of `plans` created and committed (their
-        types, extensions, shared sequences stay; `close` drops staged tables)."""
-        created = [place for plan, place in self._created if any(plan is p for p in plans)]
-        self._created = []
-        if not created:
-            return None
-        with self._errors("undo the failed restore"), self.conn.transaction():
-            self.conn.execute(sql.SQL("DROP TABLE {}").format(sql.SQL(", ").join(p.table for p in created)))
-        return f"the table(s) it had created were dropped: {', '.join(p.qualified for p in created)}"
+        """After a failed restore: drop the tables items of `plans` created and committed, and
+        the schemas, extensions, types and shared sequences they created (live.Created; `close`
+        drops staged tables)."""
+        with self._errors("undo the failed restore"):
+            return self._created.drop(self.conn, plans)
 
     def switch(self, plans: list[ItemPlan]) -> None:
         """Swap every staged table into place in ONE transaction, then validate foreign keys.
@@ -454,13 +440,6 @@ class PostgresTarget:
         finally:
             self._conn.close()
             self._conn = None
-
-
-def find_type(conn, schema: str, name: str) -> int | None:
-    row = conn.execute("""SELECT t.oid FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n
-                          ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s""",
-                       (schema, name)).fetchone()
-    return row[0] if row else None
 
 
 def _oid(conn, place: ddl.Placement) -> int:

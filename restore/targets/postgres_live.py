@@ -17,6 +17,8 @@
   a plan note (the table and its rows do not depend on them).
 - Sequence values: owned sequences are set to the snapshot's value; shared sequences are only
   ever moved forward, since other tables draw from them too.
+- What the restore itself created (`Created`): new tables and the schemas, types, extensions
+  and shared sequences they needed, so a failed restore can drop them again.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from typing import Any
 
 from psycopg import sql
 
+from restore.targets import postgres_ddl as ddl
 from restore.targets.postgres_ddl import add_constraint, comment_on_constraint
+from snapshots.errors import StatevaultError
 
 _FKS = """
 SELECT c.conname, pg_catalog.pg_get_constraintdef(c.oid), c.conrelid,
@@ -295,6 +299,87 @@ def advance(conn, seq: sql.Identifier, snap: dict[str, Any]) -> None:
         setval(conn, seq, snap["last_value"], snap["is_called"])
 
 
+def find_type(conn, schema: str, name: str) -> int | None:
+    row = conn.execute("""SELECT t.oid FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n
+                          ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s""",
+                       (schema, name)).fetchone()
+    return row[0] if row else None
+
+
 def serial_sequence(conn, table_sql: str, column: str) -> str | None:
     """The sequence a live table's column draws from (serial or identity), or None."""
     return conn.execute("SELECT pg_catalog.pg_get_serial_sequence(%s, %s)", (table_sql, column)).fetchone()[0]
+
+
+class Created:
+    """What a restore created and committed, so it can be dropped again when a later item fails
+    (`undo`): tables, and the schemas, extensions, enum types and shared sequences they
+    brought that did not exist before. An item's objects count from its commit on; a rolled
+    back item created nothing. Dropped newest first, each without CASCADE under a savepoint:
+    an object that something outside the restore came to use meanwhile is kept, and the undo
+    fails naming it."""
+
+    def __init__(self):
+        self._committed: list[tuple[Any, str, sql.Composable, str]] = []  # (plan, kind, identifier, name)
+        self._item: list[tuple[str, sql.Composable, str]] = []
+
+    def add(self, kind: str, ident: sql.Composable, name: str) -> None:
+        self._item.append((kind, ident, name))
+
+    def ensure_schema(self, conn, schema: str) -> None:
+        # checked first: CREATE SCHEMA IF NOT EXISTS still demands CREATE on the database
+        if not conn.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            self.add("SCHEMA", sql.Identifier(schema), schema)
+
+    def ensure_dependencies(self, conn, spec: dict[str, Any], details: dict[str, Any], place: Any) -> None:
+        """What a new table needs before CREATE TABLE, each created only if missing (another
+        item, or the database, may have it): its schema, extensions, enum types and the shared
+        sequences its defaults call."""
+        self.ensure_schema(conn, place.schema)
+        for ext in details["extensions"]:
+            if not conn.execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = %s", (ext,)).fetchone():
+                conn.execute(sql.SQL("CREATE EXTENSION {}").format(sql.Identifier(ext)))
+                self.add("EXTENSION", sql.Identifier(ext), ext)
+        for enum in details["enums"]:
+            if find_type(conn, enum["schema"], enum["name"]) is None:
+                self.ensure_schema(conn, enum["schema"])
+                conn.execute(ddl.create_enum(enum))
+                self.add("TYPE", sql.Identifier(enum["schema"], enum["name"]), f"{enum['schema']}.{enum['name']}")
+        for seq in ddl.used_sequences(spec):
+            self.ensure_schema(conn, seq["schema"])
+            ident = ddl.sequence_ident(seq, place)
+            if conn.execute("SELECT pg_catalog.to_regclass(%s)", (ident.as_string(conn),)).fetchone()[0] is None:
+                conn.execute(ddl.create_sequence(seq, place))
+                self.add("SEQUENCE", ident, f"{seq['schema']}.{seq['name']}")
+
+    def commit(self, plan: Any) -> None:
+        self._committed += [(plan, *obj) for obj in self._item]
+        self._item = []
+
+    def forget_item(self) -> None:
+        self._item = []
+
+    def drop(self, conn, plans: list) -> str | None:
+        """Drop what items of `plans` created; what was done, for the error message."""
+        import psycopg
+
+        mine = [obj for obj in self._committed if any(obj[0] is p for p in plans)]
+        self._committed, self._item = [], []
+        dropped: dict[str, list[str]] = {}
+        kept: list[str] = []
+        with conn.transaction():
+            for _, kind, ident, name in reversed(mine):
+                try:
+                    with conn.transaction():
+                        conn.execute(sql.SQL("DROP {} {}").format(sql.SQL(kind), ident))
+                    dropped.setdefault(kind.lower(), []).append(name)
+                except psycopg.errors.DependentObjectsStillExist:
+                    kept.append(f"{kind.lower()} {name}")
+        if not mine:
+            return None
+        said = [f"the table(s) it had created were dropped: {', '.join(reversed(dropped.pop('table', [])))}"]
+        said += [f"so were the {kind}(s) it had created: {', '.join(reversed(names))}" for kind, names in dropped.items()]
+        if kept:  # an undo that could not finish: the caller reports it as such
+            raise StatevaultError(f"{'; '.join(said)}; but {', '.join(kept)} stayed: something else uses it now")
+        return "; ".join(said)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from restore.run import restore_snapshot
-from snapshots.errors import CorruptChunkError
+from snapshots.errors import CorruptChunkError, StatevaultError
 from snapshots.repository import open_repository
 from snapshots.settings import Settings
 from tests.damage import damage_late_chunk
@@ -68,32 +68,78 @@ def test_redis_replace_that_fails_midway_names_the_snapshot_that_undoes_it(redis
     assert_same_state(live, typed_dump(redis_url))
 
 
-def test_postgres_new_restore_that_fails_on_a_later_table_drops_the_tables_it_created(pg_database, repo,
-                                                                                       file_repo_url):
+def test_postgres_new_restore_that_fails_on_a_later_table_drops_what_it_created(pg_database, repo, file_repo_url):
     """Each table is restored in its own transaction: the failing one rolls back by itself, and
-    the ones committed before it are dropped, so the database is as the plan found it."""
+    what the ones committed before it created (the tables, and the schema, enum type and
+    shared sequence they brought) is dropped, so the database is as the plan found it."""
     import psycopg
 
     source, target = pg_database("svsource"), pg_database("svtarget")
     with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA mem; CREATE TYPE mem.mood AS ENUM ('calm', 'busy'); "
+                     "CREATE SEQUENCE mem.shared_ids")
         for table in ("a_first", "b_second"):
-            conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, body text)")
-            conn.execute(f"INSERT INTO {table} SELECT g, repeat('{table} fact ' || g, 8) FROM generate_series(1, 3000) g")
+            conn.execute(f"CREATE TABLE mem.{table} (id bigint PRIMARY KEY DEFAULT nextval('mem.shared_ids'), "
+                         f"mood mem.mood NOT NULL DEFAULT 'calm', body text)")
+            conn.execute(f"INSERT INTO mem.{table} (body) SELECT repeat('{table} fact ' || g, 8) "
+                         f"FROM generate_series(1, 3000) g")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("CREATE TABLE unrelated (id int)")
+    before = _catalog(target)
     cfg = Settings(sources={"memory": {"kind": "postgres", "url": source}})
     from backup.job import snapshot_source
 
     manifest, _ = snapshot_source(repo, "memory", cfg.sources["memory"])
-    assert [i.name for i in manifest.items] == ["public.a_first", "public.b_second"]
-    damage_late_chunk(file_repo_url, manifest.item("public.b_second"))
+    assert [i.name for i in manifest.items] == ["mem.a_first", "mem.b_second"]
+    damage_late_chunk(file_repo_url, manifest.item("mem.b_second"))
     with pytest.raises(CorruptChunkError) as caught:
         restore_snapshot(repo, cfg, "memory", manifest.id, to_url=target)
-    assert "the table(s) it had created were dropped: public.a_first" in caught.value.message
-    with psycopg.connect(target) as conn:
-        tables = conn.execute("SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = "
-                              "'public'::regnamespace ORDER BY 1").fetchall()
-    assert tables == [("unrelated",)]
+    message = caught.value.message
+    assert "the table(s) it had created were dropped: mem.a_first" in message
+    assert "so were the sequence(s) it had created: mem.shared_ids" in message
+    assert "so were the type(s) it had created: mem.mood" in message and "schema(s) it had created: mem" in message
+    assert _catalog(target) == before
+
+
+def _catalog(url: str) -> list:
+    """Every schema, type, table and sequence outside the system catalogs."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute("""
+            SELECT 'schema', nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
+            UNION ALL SELECT 'type', typname FROM pg_type t JOIN pg_namespace n ON n.oid = typnamespace
+                      WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_toast%'
+            UNION ALL SELECT 'rel ' || relkind::text, relname FROM pg_class c JOIN pg_namespace n ON n.oid = relnamespace
+                      WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_toast%'
+            ORDER BY 1, 2""").fetchall()
+
+
+def test_postgres_undo_keeps_what_something_else_came_to_use(pg_database):
+    """An enum type the restore created but another table uses by the time of the undo stays,
+    and the undo says it could not finish (restore.run reports "undoing it failed too")."""
+    import psycopg
+    from psycopg import sql
+
+    from restore.targets.postgres_live import Created
+
+    url = pg_database("svtarget")
+    with psycopg.connect(url, autocommit=True) as conn:
+        created, plan = Created(), object()
+        with conn.transaction():
+            conn.execute("CREATE TYPE tone AS ENUM ('warm')")
+            created.add("TYPE", sql.Identifier("public", "tone"), "public.tone")
+            conn.execute("CREATE TABLE restored (t tone)")
+            created.add("TABLE", sql.Identifier("public", "restored"), "public.restored")
+        created.commit(plan)
+        conn.execute("CREATE TABLE theirs (t tone)")
+        with pytest.raises(StatevaultError) as caught:
+            created.drop(conn, [plan])
+        assert caught.value.message == ("the table(s) it had created were dropped: public.restored; "
+                                        "but type public.tone stayed: something else uses it now")
+        left = conn.execute("SELECT relname FROM pg_class WHERE relname IN ('restored', 'theirs')").fetchall()
+        assert left == [("theirs",)]
+        assert created.drop(conn, [plan]) is None
 
 
 def test_redis_write_the_server_refuses_fails_the_restore_and_is_undone(redis_url, fresh_redis_url, repo,
