@@ -87,8 +87,8 @@ def iter_rest_pages(api: Any, name: str, page_size: int) -> Iterator[list[LocalP
                 result = orjson.loads(content)["result"]
                 offset = result.get("next_page_offset")
                 if offset != guess:
-                    if guess is not None:
-                        ahead.cancel() or ahead.exception()  # a page not needed: wait it out
+                    if guess is not None and not ahead.cancel():
+                        ahead.exception()  # a page not needed, already on its way: wait it out
                     if offset is not None:
                         ahead = pool.submit(fetch, offset)
                 points = result["points"]

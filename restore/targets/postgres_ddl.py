@@ -85,10 +85,9 @@ def _sequence_options(seq: dict[str, Any]) -> sql.Composed:
         *(sql.Literal(int(seq[k])) for k in ("increment", "min", "max", "start", "cache")))
 
 
-def create_sequence(seq: dict[str, Any], place: Placement, *, if_not_exists: bool = False) -> sql.Composed:
-    return sql.SQL("CREATE SEQUENCE {}{} AS {} {}").format(
-        sql.SQL("IF NOT EXISTS " if if_not_exists else ""), sequence_ident(seq, place), sql.SQL(seq["type"]),
-        _sequence_options(seq))
+def create_sequence(seq: dict[str, Any], place: Placement) -> sql.Composed:
+    return sql.SQL("CREATE SEQUENCE {} AS {} {}").format(sequence_ident(seq, place), sql.SQL(seq["type"]),
+                                                        _sequence_options(seq))
 
 
 def create_enum(enum: dict[str, Any]) -> sql.Composed:
