@@ -237,20 +237,22 @@ class PointEncoder:
                 vec[name] = _b64(m) if self._packed else m
 
 
-def decode_record(record: bytes, layout: VectorLayout, fmt: str = FORMAT) -> dict:
+def decode_record(record: bytes, layout: VectorLayout, fmt: str = FORMAT, *, arrays: bool = False) -> dict:
     """A record of `fmt` as {"id", "payload", "vector"} with every vector as numbers (lists of
-    floats, lists of rows for a multivector), whatever the format: what an upsert takes."""
+    floats, lists of rows for a multivector), whatever the format: what an upsert takes. With
+    `arrays`, v2's packed vectors stay float32 arrays (for orjson's OPT_SERIALIZE_NUMPY)."""
     rec = orjson.loads(record)
     if fmt == FORMAT_V1:
         return rec
     vec = rec["vector"]
     if isinstance(vec, str):
-        rec["vector"] = np.frombuffer(base64.b64decode(vec), "<f4").tolist()
+        values = np.frombuffer(base64.b64decode(vec), "<f4")
+        rec["vector"] = values if arrays else values.tolist()
     elif vec:
         for name, value in vec.items():
             if isinstance(value, str):
                 values = np.frombuffer(base64.b64decode(value), "<f4")
                 if name in layout.multi:
                     values = values.reshape(-1, layout.multi[name][0])
-                vec[name] = values.tolist()
+                vec[name] = values if arrays else values.tolist()
     return rec

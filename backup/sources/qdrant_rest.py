@@ -34,6 +34,7 @@ import orjson
 from backup.sources.qdrant_local import LocalPoint
 
 _SCROLL = "collections/{}/points/scroll"
+_POINTS = "collections/{}/points"
 _NEXT = b'"next_page_offset":'
 
 
@@ -51,6 +52,30 @@ def rest_api(client: Any) -> Any | None:
     return api
 
 
+def rest_call(api: Any, method: str, path: str, body: bytes, params: dict | None = None) -> bytes:
+    """One REST request with a JSON body, as qdrant-client sends its own (its connection pool,
+    middleware and headers); the response body, or the client's UnexpectedResponse."""
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    url = urljoin(api.host if api.host.endswith("/") else api.host + "/", path)
+    request = api._client.build_request(method, url, content=body, params=params,
+                                        headers={"Content-Type": "application/json"})
+    response = api.middleware(request, api.send_inner)
+    if response.status_code != 200:
+        raise UnexpectedResponse.for_response(response)
+    return response.content
+
+
+def upsert_points(api: Any, name: str, points: list[dict]) -> None:
+    """PUT points ({"id", "vector", "payload"} dicts; vectors may be float32 arrays) and wait
+    for them to be applied. orjson writes a float32 as its shortest decimal, which Qdrant
+    parses back to the same float32: the exact values, in ~40% fewer bytes than the float64
+    text qdrant-client sends, without a pydantic model per point (~0.1 ms of client CPU a
+    384-dim point, against ~0.012 ms)."""
+    body = orjson.dumps({"points": points}, option=orjson.OPT_SERIALIZE_NUMPY)
+    rest_call(api, "PUT", _POINTS.format(quote(name, safe="")), body, params={"wait": "true"})
+
+
 def iter_rest_pages(api: Any, name: str, page_size: int) -> Iterator[list[LocalPoint]]:
     """Every point of collection (or alias) `name`, in scroll order, a page at a time.
 
@@ -60,21 +85,11 @@ def iter_rest_pages(api: Any, name: str, page_size: int) -> Iterator[list[LocalP
     body (the GIL is free meanwhile); the parsing stays on the caller's thread. When the offset
     read off the end is not the parsed one (a server that orders its fields otherwise), the
     page asked for ahead is dropped and the right one asked for."""
-    host = api.host if api.host.endswith("/") else api.host + "/"
-    url = urljoin(host, _SCROLL.format(quote(name, safe="")))
-
     def fetch(offset: Any) -> bytes:
-        from qdrant_client.http.exceptions import UnexpectedResponse
-
         body = {"limit": page_size, "with_payload": True, "with_vector": True}
         if offset is not None:
             body = {"offset": offset, **body}
-        request = api._client.build_request("POST", url, content=orjson.dumps(body),
-                                            headers={"Content-Type": "application/json"})
-        response = api.middleware(request, api.send_inner)
-        if response.status_code != 200:
-            raise UnexpectedResponse.for_response(response)
-        return response.content
+        return rest_call(api, "POST", _SCROLL.format(quote(name, safe="")), orjson.dumps(body))
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-scroll") as pool:
         ahead = pool.submit(fetch, None)

@@ -2,7 +2,8 @@
 
 Records are "qdrant-points-jsonl-v2" (or -v1) lines (backup/sources/qdrant_records.py documents the
 formats); each becomes a PointStruct, upserted in batches with wait=True (idempotent by id, so a
-transient failure is retried). The collection is created from the item's schema (vectors,
+transient failure is retried). To a server over REST the batches go as JSON made straight from
+the records (backup/sources/qdrant_rest.py `upsert_points`: no pydantic model per point). The collection is created from the item's schema (vectors,
 sparse vectors, hnsw/optimizer/wal/quantization settings, shards), payload indexes after the
 data. Reading back uses the source's own encoder, so a faithful restore reads back the very
 bytes of the snapshot.
@@ -55,9 +56,10 @@ import orjson
 
 from backup.sources.qdrant import (ITEM_KIND, STAGING_MARK, QdrantHandle, connect_qdrant, iter_collection_records,
                                    qdrant_call)
-from backup.sources.qdrant_records import FORMATS, decode_record
 from backup.sources.qdrant_config import (SCHEMA_FORMAT, collection_schema, create_collection_kwargs,
                                           describe_difference, payload_index_ops, signature, vector_layout)
+from backup.sources.qdrant_records import FORMATS, decode_record
+from backup.sources.qdrant_rest import rest_api, upsert_points
 from restore.targets.base import ItemPlan, RestoreOptions
 from snapshots.errors import IncompatibleTargetError, NotFoundError, TargetNotEmptyError, UsageError
 from snapshots.manifest import Item, Manifest, utcnow
@@ -283,10 +285,12 @@ class QdrantTarget:
         layout = vector_layout(schema)
         sparse = set(layout.sparse)
         limit = max(1, min(options.batch_size, UPSERT_BATCH))
+        raw = rest_api(self.client) is not None  # a server over REST: JSON straight from the records
         batch: list = []
         size = 0
         for record in records:
-            batch.append(point_from_record(decode_record(record, layout, fmt), sparse))
+            rec = decode_record(record, layout, fmt, arrays=raw)
+            batch.append(rec if raw else point_from_record(rec, sparse))
             size += len(record)
             if len(batch) >= limit or size >= MAX_BATCH_BYTES:
                 self._upsert(name, batch)
@@ -295,13 +299,17 @@ class QdrantTarget:
             self._upsert(name, batch)
 
     def _upsert(self, name: str, points: list) -> None:
+        api = rest_api(self.client)
         for _, written_to, ids in self._written:
             if written_to == name:  # the ids, before the points go out
-                ids.write(orjson.dumps([p.id for p in points]) + b"\n")
+                ids.write(orjson.dumps([p["id"] if api else p.id for p in points]) + b"\n")
 
         def upsert():
             with qdrant_call(f"upsert {len(points)} points into {name!r}"):
-                self.client.upsert(name, points=points, wait=True)
+                if api is not None:
+                    upsert_points(api, name, points)
+                else:
+                    self.client.upsert(name, points=points, wait=True)
 
         retry_call(upsert, attempts=4, multiplier=0.5, max_wait=10)
 

@@ -20,7 +20,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as m
 
 import backup.sources.qdrant as qdrant_source
-from backup.sources.qdrant import iter_pages
+from backup.sources.qdrant import iter_collection_records, iter_pages
 from backup.sources.qdrant_config import collection_schema, vector_layout
 from backup.sources.qdrant_records import FORMAT, PointEncoder
 from backup.sources import qdrant_rest
@@ -32,6 +32,14 @@ class _StandIn(BaseHTTPRequestHandler):
     local: QdrantClient
     seen: list
     offset_first = False  # next_page_offset before the points, as a server is free to order them
+
+    def do_PUT(self):  # noqa: N802 - http.server's name: PUT /collections/{name}/points?wait=true
+        body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.path, len(body["points"]), self.headers.get("api-key")))
+        name = self.path.split("/")[2]
+        self.local.upsert(name, [m.PointStruct(**p) for p in body["points"]], wait=True)
+        self._send(200, orjson.dumps({"result": {"operation_id": 0, "status": "completed"}, "status": "ok",
+                                      "time": 0.001}))
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -153,3 +161,30 @@ def test_a_refused_rest_read_is_the_same_error_as_a_refused_scroll(stand_in, mon
             next(iter_pages(client, "missing"))
         errors.append(info.value.message)
     assert errors[0] == errors[1] and "missing" in errors[0]
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_a_restore_to_a_server_upserts_the_points_scroll_reads_back(stand_in, monkeypatch, tmp_path):
+    """The REST upsert (JSON made from the records, float32 vectors as their shortest decimals)
+    stores exactly what qdrant-client's own upsert of the same records stores."""
+    from restore.targets import qdrant as qdrant_target
+    from restore.targets.base import RestoreOptions
+    from restore.targets.qdrant import QdrantTarget
+
+    local, client, handler = stand_in
+    schema = collection_schema(local.get_collection("mixed"), local=False)
+    records = list(iter_collection_records(client, "mixed", schema, False))
+    config = local.get_collection("mixed").config.params
+    for name in ("via_rest", "via_client"):
+        local.create_collection(name, vectors_config=config.vectors, sparse_vectors_config=config.sparse_vectors)
+    target = QdrantTarget(url=client._client.rest_uri, api_key="k3y")
+    try:
+        handler.seen.clear()
+        target._upsert_all("via_rest", iter(records), schema, FORMAT, RestoreOptions(batch_size=16))
+        assert [n for _, n, key in handler.seen] == [16, 16, 8] and {key for *_, key in handler.seen} == {"k3y"}
+        monkeypatch.setattr(qdrant_target, "rest_api", lambda c: None)  # qdrant-client's upsert, same server
+        target._upsert_all("via_client", iter(records), schema, FORMAT, RestoreOptions(batch_size=16))
+    finally:
+        target.close()
+    rest, own = (list(iter_collection_records(client, n, schema, False)) for n in ("via_rest", "via_client"))
+    assert rest == own and len(rest) == 40
