@@ -330,7 +330,8 @@ class ReplyPipe:
     Without hiredis or a plain socket the requests run one by one, at `recv`.
 
     Requests are written without reading: the server buffers replies it cannot send yet, and
-    the caller keeps at most two requests in flight."""
+    callers keep at most three requests in flight (KeyReader: the values being encoded, the
+    next batch's values and the types after them), so what it buffers stays bounded."""
 
     def __init__(self, client):
         self.client, self._conn, self._replies = client, None, None
