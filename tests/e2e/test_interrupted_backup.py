@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
-from pathlib import Path
 
 import redis
 
-from tests.e2e.test_interrupted_restore import ROOT, statevault
+from tests.e2e.test_interrupted_restore import ROOT, sigterm_once, statevault
 
 
 def test_sigterm_mid_backup_commits_nothing_half_made_and_releases_the_lease(fresh_redis_url, tmp_path):
@@ -34,19 +31,9 @@ def test_sigterm_mid_backup_commits_nothing_half_made_and_releases_the_lease(fre
         return subprocess.run(statevault(config, *args), cwd=ROOT, env=env, capture_output=True, text=True)
 
     assert run("init").returncode == 0
-    proc = subprocess.Popen(statevault(config, "backup", "--json"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not any((repo / "data").glob("*/*")):  # the first source's chunks are being stored
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, err
+    code, out, err = sigterm_once(statevault(config, "backup", "--json"), env,
+                                  lambda: any((repo / "data").glob("*/*")))  # the first chunks are being stored
+    assert code == 1, err
     report = json.loads(out)
     assert report["stopped_by_signal"] is True
     assert [r["source"] for r in report["sources"]] + report["not_started"] == ["alpha", "beta"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import redis
 
@@ -16,6 +17,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def statevault(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "cli.app", "-c", str(config), *args]
+
+
+def sigterm_once(command: list[str], env: dict, started: Callable[[], bool]) -> tuple[int, str, str]:
+    """Run `command`, send it SIGTERM as soon as `started()` says its work has begun, and
+    return its (exit code, stdout, stderr); it is killed if it outlives the test."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
 
 
 def test_sigterm_mid_restore_removes_the_keys_it_wrote(redis_url, fresh_redis_url, tmp_path):
@@ -33,18 +51,8 @@ def test_sigterm_mid_restore_removes_the_keys_it_wrote(redis_url, fresh_redis_ur
 
     target = fresh_redis_url()
     t = redis.Redis.from_url(target)
-    proc = subprocess.Popen(statevault(config, "restore", "latest", "--source", "history", "--to", target),
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while t.dbsize() < 1000:  # writing has begun
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, err
+    code, _, err = sigterm_once(statevault(config, "restore", "latest", "--source", "history", "--to", target), env,
+                                lambda: t.dbsize() >= 1000)  # writing has begun
+    assert code == 1, err
     assert "interrupted by SIGTERM" in err and "key(s) it had written were removed" in err, err
     assert t.dbsize() == 0
