@@ -285,21 +285,22 @@ class QdrantTarget:
         layout = vector_layout(schema)
         sparse = set(layout.sparse)
         limit = max(1, min(options.batch_size, UPSERT_BATCH))
-        raw = rest_api(self.client) is not None  # a server over REST: JSON straight from the records
+        api = rest_api(self.client)  # a server over REST: JSON straight from the records
         batch: list = []
         size = 0
         for record in records:
-            rec = decode_record(record, layout, fmt, arrays=raw)
-            batch.append(rec if raw else point_from_record(rec, sparse))
+            rec = decode_record(record, layout, fmt, arrays=api is not None)
+            batch.append(rec if api is not None else point_from_record(rec, sparse))
             size += len(record)
             if len(batch) >= limit or size >= MAX_BATCH_BYTES:
-                self._upsert(name, batch)
+                self._upsert(name, batch, api)
                 batch, size = [], 0
         if batch:
-            self._upsert(name, batch)
+            self._upsert(name, batch, api)
 
-    def _upsert(self, name: str, points: list) -> None:
-        api = rest_api(self.client)
+    def _upsert(self, name: str, points: list, api: Any | None) -> None:
+        """Upsert one batch: record dicts through `api` (the REST ApiClient), else PointStructs
+        through the client."""
         for _, written_to, ids in self._written:
             if written_to == name:  # the ids, before the points go out
                 ids.write(orjson.dumps([p["id"] if api else p.id for p in points]) + b"\n")
