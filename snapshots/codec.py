@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from itertools import islice
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import blake3
 import numpy as np
@@ -165,8 +165,8 @@ class RecordDigest:
         self.nbytes += nbytes
 
     def update(self, records: Iterable[bytes]) -> "RecordDigest":
-        it, h = iter(records), self._hash
-        while block := list(islice(it, _BLOCK_RECORDS)):
+        h = self._hash
+        for block in batched(records, _BLOCK_RECORDS):
             self.add_hashes(b"".join(map(h, block)), len(block), sum(map(len, block)))
         return self
 
@@ -284,6 +284,13 @@ class RecordChunker:
         data = (b"".join(self._open), self._open_records)
         self._open, self._open_size, self._open_records = [], 0, 0
         return data
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    """Lists of `n` consecutive items (the last one shorter): itertools.batched, Python 3.12."""
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
 
 
 def split_lines(data: bytes):

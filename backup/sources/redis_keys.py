@@ -19,12 +19,12 @@ import bisect
 import re
 import struct
 import tempfile
-from itertools import islice
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from backup.sources.redis_client import ReplyPipe, _pack, execute_many, raise_first_error
+from snapshots.codec import batched
 
 RUN_LIMIT = 20_000  # names sorted in memory before a run spills: ~2 MB, so RSS does not grow with the keyspace
 SCAN_COUNT = 5000  # names per SCAN call: fewer round trips, each still ~1 ms of server time
@@ -324,8 +324,7 @@ class NameSorter:
 
 def sorted_unique(names: Iterable[bytes], run_limit: int = RUN_LIMIT) -> Iterator[bytes]:
     """`names` sorted and de-duplicated with bounded memory (reads all of `names` first)."""
-    it = iter(names)
-    return sorted_unique_pages(iter(lambda: list(islice(it, 5000)), []), run_limit)
+    return sorted_unique_pages(batched(names, 5000), run_limit)
 
 
 def sorted_unique_pages(pages: Iterable[list[bytes]], run_limit: int = RUN_LIMIT) -> Iterator[bytes]:

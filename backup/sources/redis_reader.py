@@ -36,6 +36,7 @@ import orjson
 from backup.sources.redis_client import ServerInfo, ReplyPipe, _pack, execute_many, execute_packed, raise_first_error
 from backup.sources.redis_records import (PART_SIZE, TYPES, encode_record, enc, flat_to_dict, list_value,
                                           pairs_value, pending_value, stream_entries, stream_groups, zset_value)
+from snapshots.codec import batched
 
 log = logging.getLogger("statevault.backup.redis")
 
@@ -392,7 +393,7 @@ class KeyReader:
                                    self.client.execute_command("XINFO", "CONSUMERS", key, name)]
             # the first piece decides whether the stream has parts (pending entries of deleted
             # messages are left out, so XINFO's pending counts cannot)
-            pending = _pieces(self._pending(key, sorted(consumers)), n)
+            pending = batched(self._pending(key, sorted(consumers)), n)
             piece = next(pending, None)
         meta = {"last_id": flat_to_dict(info)["last-generated-id"].decode("ascii"),
                 "groups": stream_groups(groups, consumers)}
@@ -432,12 +433,6 @@ class KeyReader:
                 if len(page) < n:
                     break
                 start = b"(" + page[-1][0]
-
-
-def _pieces(rows: Iterator, n: int) -> Iterator[list]:
-    it = iter(rows)
-    while piece := list(islice(it, n)):
-        yield piece
 
 
 def _pttl_payload(bulks: list[bytes]) -> bytes:
