@@ -120,8 +120,9 @@ def restore(ctx: typer.Context,
                                "overwrite. swap: restore beside the live data and switch atomically (PostgreSQL: "
                                "staging schema + renames in one transaction; Qdrant: new collection + alias switch; "
                                "Redis has no atomic switch and refuses swap).")] = "new",
-            ttl: Annotated[str, typer.Option("--ttl", help="Redis TTLs: keep (absolute expiry), reset (original "
-                                                            "duration from now), none (persist).")] = "keep",
+            ttl: Annotated[str, typer.Option("--ttl", help="Redis TTLs, of keys and of hash fields: keep "
+                                                            "(absolute expiry), reset (original duration from now), "
+                                                            "none (persist).")] = "keep",
             dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
             yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before replacing live data.")] = False,
             json: JsonOpt = False) -> None:

@@ -23,7 +23,7 @@ from backup.job import snapshot_source
 from restore.targets import open_target
 from restore.targets.base import ItemPlan, RestoreOptions
 from restore.verify import ItemCheck, diff_sorted, digest_concurrently, digest_of
-from snapshots.codec import RecordDigest
+from snapshots.codec import RecordDigest, batched
 from snapshots.errors import CorruptChunkError, StatevaultError, UsageError, VerificationError
 from snapshots.manifest import Manifest
 from snapshots.repository import Repository
@@ -116,7 +116,7 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
 
     target = open_target(cfg, url=to_url, path=to_path)
     try:
-        plans = target.plan(manifest, only=only, into=into, mode=mode)  # refuses before any write
+        plans = target.plan(manifest, only=only, into=into, mode=mode, ttl=ttl)  # refuses before any write
         result.plans = [p.to_dict() for p in plans]
         if dry_run:
             return result
@@ -129,7 +129,7 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
                                          only=selector, url=to_url, path=to_path)
                 result.pre_restore_snapshot = pre.id
                 target = open_target(cfg, url=to_url, path=to_path)
-                plans = target.plan(manifest, only=only, into=into, mode=mode)
+                plans = target.plan(manifest, only=only, into=into, mode=mode, ttl=ttl)
                 result.plans = [p.to_dict() for p in plans]  # what is actually done (e.g. a swap's staging name)
             started = time.monotonic()
             tees = []
@@ -169,7 +169,7 @@ def _write(repo: Repository, target, plans: list[ItemPlan], options: RestoreOpti
         canon = None if getattr(target, "canonical_is_identity", False) else _canonical(target, plan)
         written = getattr(target, "written_filter", None)
         ttl_log = getattr(target, "ttl_log", None)
-        tee = _Tee(repo.iter_record_blocks(plan.item), plan, canon,
+        tee = _Tee(_written_blocks(repo, target, plan, options), plan, canon,
                    written(plan, options) if written else None, ttl_log() if ttl_log else None)
         try:
             target.restore(plan, iter(tee), options)
@@ -184,6 +184,16 @@ def _write(repo: Repository, target, plans: list[ItemPlan], options: RestoreOpti
         result.bytes_restored += tee.bytes
         if progress is not None:
             progress(plan.item.name, tee.digest.count)
+
+
+def _written_blocks(repo: Repository, target, plan: ItemPlan, options: RestoreOptions) -> Iterator[list[bytes]]:
+    """The item's record blocks, through the target's `written_records` transform if it has one."""
+    transform = getattr(target, "written_records", None)
+    cut = transform(plan, options) if transform is not None else None
+    blocks = repo.iter_record_blocks(plan.item)
+    if cut is None:
+        return blocks
+    return batched(cut(record for block in blocks for record in block), 4096)
 
 
 def _after_failed_write(target, plans: list[ItemPlan], exc: BaseException, result: RestoreResult,

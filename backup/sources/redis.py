@@ -1,4 +1,4 @@
-"""Redis / Valkey source: every key matching the configured patterns, as `redis-jsonl-v2`
+"""Redis / Valkey source: every key matching the configured patterns, as `redis-jsonl-v3`
 records (see redis_records.py for the format), one snapshot item per pattern.
 
 How a cut is read
@@ -24,7 +24,6 @@ window may or may not be included, and a split collection may mix states of the 
 from __future__ import annotations
 
 import contextlib
-import logging
 from datetime import datetime, timezone
 from typing import Iterator
 
@@ -37,9 +36,6 @@ from backup.sources.redis_records import FORMAT, PART_SIZE
 from snapshots.errors import SourceError
 from snapshots.settings import RedisSource as RedisSourceSettings, redact_url
 from snapshots.writer import SnapshotWriter
-
-log = logging.getLogger("statevault.backup.redis")
-
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat().replace("+00:00", "Z")
@@ -59,7 +55,9 @@ class RedisCut:
         self.only = list(only) if only else None
         self.cut_ms = now_ms
         self.cut_time = datetime.fromtimestamp(now_ms / 1000, timezone.utc)
-        self.reader = KeyReader(client, info, part_size=PART_SIZE)  # PART_SIZE looked up now: tests patch it
+        # PART_SIZE looked up now: tests patch it. Field TTLs are asked for only when the server
+        # says it holds some (INFO keyspace), so other servers pay nothing for them.
+        self.reader = KeyReader(client, info, part_size=PART_SIZE, field_ttls=field_ttls > 0)
         self.source_info = {
             **info.to_dict(),
             "consistency": "keys as seen during the scan window (no snapshot isolation)",
@@ -68,10 +66,7 @@ class RedisCut:
             "skipped_keys": {},
         }
         if field_ttls:
-            # not kept (see redis_records.py): say so in the snapshot and the log, never silently
-            self.source_info["hash_field_ttls_not_kept"] = field_ttls
-            log.warning("%d key(s) of db %d have hash fields with their own TTL (HEXPIRE): those field TTLs "
-                        "are not kept; the fields are backed up and restore without expiry", field_ttls, info.db)
+            self.source_info["hash_field_ttls"] = 0  # keys whose records carry "fx", counted as read
 
     def items(self) -> list[ItemSpec]:
         return [ItemSpec(name=p, kind="keys", format=FORMAT,
@@ -89,6 +84,8 @@ class RedisCut:
             yield from (self.reader.read_blocks(keys) if blocks else self.reader.read(keys))
             self.source_info["scan_finished_at"] = _iso(server_time_ms(self.client))
         self.source_info["skipped_keys"] = dict(self.reader.skipped)
+        if self.reader.field_ttls:
+            self.source_info["hash_field_ttls"] = self.reader.keys_with_field_ttls
         if self.reader.dropped_pending:
             self.source_info["dropped_pending_entries"] = self.reader.dropped_pending
 

@@ -80,6 +80,7 @@ class ServerInfo:
     redis_version: str
     db: int
     has_pexpiretime: bool   # Redis >= 7.0 and every Valkey
+    has_field_ttls: bool = False  # hash field TTLs (HPEXPIREAT ...): Redis >= 7.4, Valkey >= 9
 
     def to_dict(self) -> dict:
         return {"server": self.flavour, "version": self.version, "redis_version": self.redis_version, "db": self.db}
@@ -94,11 +95,17 @@ def server_info(client, url: str) -> ServerInfo:
             fields[name.strip()] = value.strip()
     redis_version = fields.get("redis_version", "0")
     valkey = fields.get("valkey_version")
-    major = int(re.match(r"\d*", redis_version).group() or 0)
+    major, minor = _major_minor(redis_version)
     path = urlsplit(url).path.strip("/")
     db = int(path) if path.isdigit() else int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
     return ServerInfo(flavour="valkey" if valkey else "redis", version=valkey or redis_version,
-                      redis_version=redis_version, db=db, has_pexpiretime=bool(valkey) or major >= 7)
+                      redis_version=redis_version, db=db, has_pexpiretime=bool(valkey) or major >= 7,
+                      has_field_ttls=_major_minor(valkey)[0] >= 9 if valkey else (major, minor) >= (7, 4))
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)(?:\.(\d+))?", version)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (0, 0)
 
 
 def keys_with_field_ttls(client, db: int) -> int:

@@ -34,8 +34,9 @@ import numpy as np
 import orjson
 
 from backup.sources.redis_client import ServerInfo, ReplyPipe, _pack, execute_many, execute_packed, raise_first_error
-from backup.sources.redis_records import (PART_SIZE, TYPES, encode_record, enc, flat_to_dict, list_value,
-                                          pairs_value, pending_value, stream_entries, stream_groups, zset_value)
+from backup.sources.redis_records import (PART_SIZE, TYPES, encode_record, enc, field_expiry_pairs, flat_to_dict,
+                                          list_value, pairs_value, pending_value, stream_entries, stream_groups,
+                                          zset_value)
 from snapshots.codec import batched
 
 log = logging.getLogger("statevault.backup.redis")
@@ -109,10 +110,15 @@ class KeyReader:
     """Turns sorted key names into records (see the module docstring)."""
 
     def __init__(self, client, info: ServerInfo, *, batch_size: int = BATCH_SIZE, part_size: int | None = None,
-                 group_state: bool = True):
+                 group_state: bool = True, field_ttls: bool = False):
         self.client, self.info = client, info
         self.batch_size, self.part = batch_size, part_size or PART_SIZE
         self.group_state = group_state  # False: redis-jsonl-v1 streams (no consumers, no pending parts)
+        # True: hash records carry their fields' own TTLs ("fx"), one HPEXPIRETIME per hash (only
+        # asked for when the server has such fields: the digest never covers them)
+        self.field_ttls = field_ttls
+        self.keys_with_field_ttls = 0
+        self._field_expiry: dict[bytes, dict[bytes, int]] = {}  # a segment's hashes read whole: field -> ms
         self.skipped: dict[str, int] = {}
         self.dropped_pending = 0  # pending entries of messages gone from their stream
         n = self.part
@@ -300,6 +306,8 @@ class KeyReader:
             fast = None if block is None else zip(*block)
             values = iter(values)
         steps = iter(plan)
+        if self.field_ttls and plan:
+            self._field_expiry = self._segment_field_expiries(segment, results, pos)
         dumps = orjson.dumps
         for key, kind, x in zip(keys, kinds, expiries):
             if kind == _STRING:
@@ -341,10 +349,14 @@ class KeyReader:
             items = self._scan_all(key, kind, reply[0])
             if items:
                 rows = sorted(items.items()) if kind == "hash" else sorted(items)
+                expiries = None
+                if kind == "hash" and self.field_ttls:
+                    rows, expiries = self._with_field_expiries(key, rows)
                 value = pairs_value if kind == "hash" else list_value
                 parts = [rows[i:i + n] for i in range(0, len(rows), n)]
                 for p, rows_p in enumerate(parts):
-                    yield encode_record(key, kind, value(rows_p), x, p if len(parts) > 1 else None)
+                    fx = None if expiries is None else field_expiry_pairs(rows_p, expiries[p * n:(p + 1) * n])
+                    yield encode_record(key, kind, value(rows_p), x, p if len(parts) > 1 else None, fx)
         else:
             yield from self._stream(key, x, *reply)
 
@@ -366,6 +378,46 @@ class KeyReader:
             if len(piece) < n * width:
                 return
             p += 1
+
+    # ---- hash field TTLs (Valkey 9, Redis 7.4+) ------------------------------------------
+    def _segment_field_expiries(self, segment: Segment, results: list, pos: int) -> dict[bytes, dict[bytes, int]]:
+        """HPEXPIRETIME of every field of the segment's hashes that came whole in their first
+        HSCAN page, in one request (a round trip per hash would dominate a remote backup)."""
+        wanted: list[tuple[bytes, list[bytes]]] = []
+        steps = iter(segment.plan)
+        for key, kind in zip(segment.keys, segment.kinds):
+            if kind not in _COLLECTIONS:
+                continue
+            kind_s, n = next(steps)
+            reply = results[pos]
+            pos += n
+            if kind_s == "hash" and not isinstance(reply, Exception) and reply[0] == b"0" and reply[1]:
+                wanted.append((key, reply[1][::2]))
+        if not wanted:
+            return {}
+        commands = [("HPEXPIRETIME", key, "FIELDS", len(fields), *fields) for key, fields in wanted]
+        replies = execute_many(self.client, commands)
+        return {key: dict(zip(fields, times)) for (key, fields), times in zip(wanted, replies)
+                if not isinstance(times, Exception)}
+
+    def _with_field_expiries(self, key: bytes, rows: list[tuple[bytes, bytes]]) -> tuple[list, list[int]]:
+        """(rows, each row's field expiry: ms, or -1 for none), without fields that are gone
+        since HSCAN (expired or deleted meanwhile: HPEXPIRETIME says -2)."""
+        known = self._field_expiry.pop(key, None)
+        if known is not None and len(known) == len(rows):
+            times = [known.get(f, -2) for f, _ in rows]
+        else:  # scanned in several pages, or re-read: one request per PART_SIZE fields
+            n = self.part
+            replies = raise_first_error(execute_many(self.client, [
+                ("HPEXPIRETIME", key, "FIELDS", len(rows[i:i + n]), *(f for f, _ in rows[i:i + n]))
+                for i in range(0, len(rows), n)]))
+            times = [t for reply in replies for t in reply]
+        if -2 in times:
+            kept = [(row, t) for row, t in zip(rows, times) if t != -2]
+            rows, times = [r for r, _ in kept], [t for _, t in kept]
+        if any(t >= 0 for t in times):
+            self.keys_with_field_ttls += 1
+        return rows, times
 
     def _scan_all(self, key: bytes, kind: str, first: list):
         cursor, flat = first

@@ -1,4 +1,4 @@
-"""The `redis-jsonl-v2` record format: one Redis key per JSON line, portable across versions.
+"""The `redis-jsonl-v3` record format: one Redis key per JSON line, portable across versions.
 
 Records are NOT `DUMP` payloads: those carry an RDB version and do not restore into older
 servers (a Redis 7 dump is refused by 6.2). Instead every key is written out as plain data
@@ -7,15 +7,18 @@ Redis >= 6.2 and Valkey.
 
 A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exactly this order:
 
-    {"k": KEY, "t": TYPE, ["p": PART,] "v": VALUE, "x": EXPIRY}
+    {"k": KEY, "t": TYPE, ["p": PART,] "v": VALUE, "x": EXPIRY[, "fx": FIELD EXPIRIES]}
 
 - KEY and every element below are *binary-safe strings*: a JSON string when the bytes are
   valid UTF-8, else an object {"b64": "<standard base64 with padding>"}.
 - TYPE is one of "string", "list", "hash", "set", "zset", "stream".
 - EXPIRY is the key's absolute expiry as unix time in milliseconds (an integer), or null for a
-  key without a TTL. It is always the LAST field, and the remaining TTL at backup time is NOT
+  key without a TTL. Only "fx" may follow it, and the remaining TTL at backup time is NOT
   stored (it changes with every backup and would defeat dedup); `--ttl reset` derives it as
   EXPIRY minus the snapshot's cut time.
+- FIELD EXPIRIES (hash records only, and only when some of the record's fields have their own
+  TTL: HEXPIRE on Valkey 9 / Redis 7.4+): [[field, expiry ms], ...] for those fields, in the
+  record's field order, as absolute unix milliseconds like EXPIRY.
 - VALUE by type:
     string  the value (a binary-safe string)
     list    the elements, in list order
@@ -45,16 +48,19 @@ A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exac
   record has no "p".
 - Within an item, records are sorted by the key's raw bytes, then by part.
 
-`redis-jsonl-v1` (snapshots taken before consumer state was kept) is the same without
-consumers (groups are [name, last-delivered-id]) and without pending parts. It restores as
-before, and its verification reads the target back in v1 form.
+Earlier formats restore as before: `redis-jsonl-v2` is v3 without "fx" (snapshots taken
+before hash field TTLs were kept: their fields were stored without expiry, and the snapshot's
+source_info says how many keys had them); `redis-jsonl-v1` (before consumer state was kept)
+is v2 without consumers (groups are [name, last-delivered-id]) and without pending parts, and
+its verification reads the target back in v1 form.
 
-Not kept: per-field hash TTLs (Redis 7.4+/Valkey 9 HEXPIRE: the fields are kept without their
-expiry, and the source reports how many keys had them), module types (skipped and counted by
-the source), the key's LRU/LFU data and encoding.
+Not kept: module types (skipped and counted by the source), the key's LRU/LFU data and
+encoding.
 
-The digest covers the *canonical* record: the record without its `,"x":...` field (a TTL read
-back from a server cannot be compared exactly). `canonical()` cuts it off without parsing.
+The digest covers the *canonical* record: the record without its `,"x":...` field and what
+follows (key and field TTLs: a TTL read back from a server cannot always be compared exactly,
+and --ttl reset / none change them on purpose). `canonical()` cuts them off without parsing:
+"fx" holds arrays of [string, number] pairs, where a `,"x":` cannot occur.
 
 Example (a string with a TTL, a binary list, a zset):
 
@@ -69,13 +75,15 @@ from typing import Any
 
 import orjson
 
-FORMAT = "redis-jsonl-v2"
+FORMAT = "redis-jsonl-v3"
+FORMAT_V2 = "redis-jsonl-v2"  # no field TTLs
 FORMAT_V1 = "redis-jsonl-v1"  # no consumers, no pending parts
-FORMATS = (FORMAT_V1, FORMAT)
+FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT)
 TYPES = ("string", "list", "hash", "set", "zset", "stream")
 PART_SIZE = 10_000
 
 _X = b',"x":'
+_FX = b',"fx":'
 _K_STR = b'{"k":"'
 _K_B64 = b'{"k":{"b64":"'
 _K_END = b'","t":"'
@@ -103,14 +111,17 @@ def dec_bytes(value: str | dict[str, str]) -> bytes:
 
 
 def encode_record(key: bytes, kind: str, value: Any, expiry_ms: int | None,
-                  part: int | None = None) -> tuple[bytes, bytes]:
-    """(record, canonical) for one key or one part of a split key."""
+                  part: int | None = None, field_expiries: list | None = None) -> tuple[bytes, bytes]:
+    """(record, canonical) for one key or one part of a split key; `field_expiries`: a hash
+    record's [[field, ms], ...] (see the module docstring), None or empty for none."""
     if part is None:
         body = orjson.dumps({"k": enc(key), "t": kind, "v": value})
     else:
         body = orjson.dumps({"k": enc(key), "t": kind, "p": part, "v": value})
-    tail = b',"x":null}\n' if expiry_ms is None else b',"x":%d}\n' % expiry_ms
-    return body[:-1] + tail, body + b"\n"
+    tail = b',"x":null' if expiry_ms is None else b',"x":%d' % expiry_ms
+    if field_expiries:
+        tail += _FX + orjson.dumps(field_expiries)
+    return body[:-1] + tail + b"}\n", body + b"\n"
 
 
 def canonical(record: bytes) -> bytes:
@@ -128,8 +139,18 @@ def record_expiry(record: bytes) -> int | None:
     i = record.rfind(_X)
     if i < 0:
         return None
-    raw = record[i + len(_X):].rstrip(b"}\n \r")
+    i += len(_X)
+    j = record.find(b",", i)  # "fx" follows
+    raw = record[i:].rstrip(b"}\n \r") if j < 0 else record[i:j]
     return None if raw == b"null" else int(raw)
+
+
+def field_expiries(record: bytes) -> list | None:
+    """A hash record's "fx" ([[field, ms], ...], fields as in the record), None without it."""
+    i = record.rfind(_FX)
+    if i < 0 or i < record.rfind(_X):
+        return None
+    return orjson.loads(record[i + len(_FX):record.rindex(b"}")])
 
 
 def record_key(record: bytes) -> bytes:
@@ -198,6 +219,13 @@ def pairs_value(rows: list[tuple[bytes, bytes]]) -> list:
 
 def sorted_pairs_value(pairs: dict[bytes, bytes]) -> list:
     return pairs_value(sorted(pairs.items()))
+
+
+def field_expiry_pairs(rows: list[tuple[bytes, bytes]], times: list[int]) -> list | None:
+    """A hash record's "fx": [[field, ms], ...] of its rows whose field has an expiry (ms >= 0),
+    None when none has."""
+    fx = [[enc(f), t] for (f, _), t in zip(rows, times) if t >= 0]
+    return fx or None
 
 
 def set_value(members) -> list:

@@ -49,6 +49,9 @@ class ItemPlan:
 class Target(Protocol):
     """Optional methods, called through getattr by the orchestrator when a target has them:
 
+        written_records(plan, options)   a transform (records -> records) of what `restore`
+                                         is given and the digest covers, or None (Redis:
+                                         hash fields expired under --ttl keep)
         finish(plans, options) -> None   after every plan's restore, before verification:
                                          cross-item work (PostgreSQL adds foreign keys here)
         switch(plans) -> None            mode swap, after the staged items verified: the
@@ -58,9 +61,11 @@ class Target(Protocol):
     kind: str
     supports_swap: bool
 
-    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: Mode) -> list[ItemPlan]:
+    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: Mode,
+             ttl: TtlMode = "keep") -> list[ItemPlan]:
         """Decide what goes where. Raises before writing anything when the target holds live
-        data and mode is `new`, when it cannot hold the snapshot, or when `swap` is unsupported."""
+        data and mode is `new`, when it cannot hold the snapshot (with expiries kept as `ttl`
+        says), or when `swap` is unsupported."""
 
     def restore(self, plan: ItemPlan, records: Iterator[bytes], options: RestoreOptions) -> None:
         """Write the (already filtered) records. `swap` must leave live data untouched until an

@@ -101,7 +101,8 @@ class PostgresTarget:
         return pg_errors(what, self.url)
 
     # ---- plan ---------------------------------------------------------------------------
-    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: Mode) -> list[ItemPlan]:
+    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: Mode,
+             ttl: str = "keep") -> list[ItemPlan]:
         if mode not in ("new", "replace", "swap"):
             raise UsageError(f"unknown restore mode {mode!r}: use new, replace or swap")
         items = _select(manifest, only)

@@ -119,7 +119,8 @@ class QdrantTarget:
             return {c.name for c in self.client.get_collections().collections}
 
     # ---- plan ----------------------------------------------------------------------------
-    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: str) -> list[ItemPlan]:
+    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: str,
+             ttl: str = "keep") -> list[ItemPlan]:
         if mode not in ("new", "replace", "swap"):
             raise UsageError(f"unknown mode {mode!r}: use new, replace or swap")
         items = [i for i in manifest.items if i.kind == ITEM_KIND]

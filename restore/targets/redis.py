@@ -1,4 +1,4 @@
-"""Redis / Valkey target: writes `redis-jsonl-v2` (and v1) records back with plain commands.
+"""Redis / Valkey target: writes `redis-jsonl-v3` (and v2, v1) records back with plain commands.
 
 No RESTORE/DUMP: values are recreated with SET, RPUSH, HSET, SADD, ZADD and XADD (explicit
 ids, then XSETID, XGROUP CREATE and CREATECONSUMER, and XCLAIM ... FORCE for each pending
@@ -32,6 +32,7 @@ TTLs (`RestoreOptions.ttl`)
   Nothing is skipped; a key whose TTL is shorter than restore + verification can expire before
   read-back and then shows as missing (diff labels it "expired").
 - none: no expiry.
+Hash fields with their own TTL (v3 "fx") follow the same mode: restore/targets/redis_fields.py.
 
 `verify_ttls` and `diff` (restore/targets/redis_verify.py) check expiries and classify
 differences; the digest (canonical records, without "x") never covers TTLs.
@@ -48,6 +49,7 @@ from backup.sources.redis_keys import KeyMatcher, NameSorter, Scope, selector_ma
 from backup.sources.redis_records import (FORMAT_V1, FORMATS, PART_SIZE, canonical, dec, dec_bytes, display_key,
                                           record_expiry, record_key)
 from restore.targets.base import ItemPlan, RestoreOptions
+from restore.targets.redis_fields import ExpiredFieldCut, field_cut, field_ttl_commands
 from snapshots.errors import IncompatibleTargetError, TargetNotEmptyError, UsageError
 from snapshots.manifest import Item, Manifest
 from snapshots.settings import redact_url
@@ -92,6 +94,7 @@ class RedisTarget:
         self._client = None
         self._info = None
         self._created: list[tuple[ItemPlan, NameSorter]] = []  # mode new: the keys each restore wrote
+        self._cuts: dict[int, ExpiredFieldCut] = {}  # id(plan) -> its written_records transform
 
     def connection(self):
         """(client, ServerInfo), connecting on first use."""
@@ -115,7 +118,8 @@ class RedisTarget:
             self._client = None
 
     # ---- plan ----------------------------------------------------------------------------
-    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: str) -> list[ItemPlan]:
+    def plan(self, manifest: Manifest, *, only: list[str], into: str | None, mode: str,
+             ttl: str = "keep") -> list[ItemPlan]:
         if mode == "swap":
             raise UsageError("Redis has no atomic switch for a keyspace, so --mode swap is not supported",
                              hint="Use --mode replace: it first takes a pre-restore snapshot of the keys it "
@@ -129,6 +133,13 @@ class RedisTarget:
                                               f"target restores {' and '.join(FORMATS)}")
         selectors = list(only or [])
         client, info = self.connection()
+        field_ttls = int(manifest.source_info.get("hash_field_ttls") or 0)
+        if field_ttls and ttl != "none" and not info.has_field_ttls:
+            raise IncompatibleTargetError(
+                f"snapshot {manifest.id} has {field_ttls} hash(es) whose fields have their own TTL, and "
+                f"{self.what} ({info.flavour} {info.version}) cannot hold field TTLs; nothing was written",
+                hint="Restore into Valkey >= 9 or Redis >= 7.4, or pass --ttl none to restore every key "
+                     "and field without expiry.")
         plans: list[ItemPlan] = []
         with redis_errors(self.what):
             now = server_time_ms(client)
@@ -155,7 +166,7 @@ class RedisTarget:
                     "part_size": schema.get("part_size", PART_SIZE),
                     "cut_time_ms": schema.get("cut_time_ms", int(manifest.cut_time.timestamp() * 1000)),
                     "expiry_cutoff_ms": now + int(margin * 1000), "live_examples": examples,
-                    "server": info.to_dict(),
+                    "server": info.to_dict(), "field_ttls": field_ttls,
                 }
                 plans.append(ItemPlan(item=item, target=pattern, action="create" if mode == "new" else "replace",
                                       live_records=live, record_filter=KeyFilter(selectors) if selectors else None,
@@ -175,6 +186,15 @@ class RedisTarget:
         if options.ttl != "keep":
             return None
         return ExpiryFilter(plan.details["expiry_cutoff_ms"])
+
+    def written_records(self, plan: ItemPlan, options: RestoreOptions) -> ExpiredFieldCut | None:
+        """A transform of the records `restore` is given and the digest covers (after
+        plan.record_filter, before written_filter); None: none. --ttl keep drops the hash
+        fields expiring before the cutoff (redis_fields.py); `restore` reports how many."""
+        cut = field_cut(plan, options.ttl)
+        if cut is not None:
+            self._cuts[id(plan)] = cut
+        return cut
 
     def scope(self, plan: ItemPlan) -> Scope:
         d = plan.details
@@ -205,6 +225,12 @@ class RedisTarget:
         if writer.skipped:
             plan.notes.append(f"{writer.skipped} key(s) not restored: they expire before "
                               f"{d['expiry_cutoff_ms']} (ms) under --ttl keep")
+        cut = self._cuts.pop(id(plan), None)
+        if cut is not None and cut.fields:
+            d.update(expired_fields=cut.fields, expired_field_keys=cut.keys)
+            plan.notes.append(f"{cut.fields} hash field(s) not restored: they expire before "
+                              f"{d['expiry_cutoff_ms']} (ms) under --ttl keep"
+                              + (f" ({cut.keys} hash(es) had no other field)" if cut.keys else ""))
 
     def _delete_extras(self, client, plan: ItemPlan, written: NameSorter) -> int:
         """UNLINK scope keys the snapshot does not hold (both name streams sorted)."""
@@ -314,6 +340,8 @@ class _KeyWriter:
                 cmd(("RPUSH", key, *[dec(e) for e in v]))
             elif kind == "hash":
                 cmd(("HSET", key, *[dec(s) for pair in v for s in pair]))
+                for c in field_ttl_commands(key, r.get("fx"), self.ttl, self.cut_ms):
+                    cmd(c)
             elif kind == "set":
                 cmd(("SADD", key, *[dec(m) for m in v]))
             elif kind == "zset":

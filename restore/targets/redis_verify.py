@@ -21,7 +21,8 @@ verify_ttls is called on its own, each key is looked up (which names the keys th
 
 TTL rules (TOLERANCE_MS either way): a key without expiry in the snapshot, or any key under
 --ttl none, must have none on the target; --ttl keep: the same absolute expiry; --ttl reset:
-(expiry - cut time) after a moment between the start and the end of the restore.
+(expiry - cut time) after a moment between the start and the end of the restore. Hash fields
+with their own expiry in the snapshot are held to the same rules (_FieldCheck).
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ import blake3
 import numpy as np
 
 from backup.sources.redis_client import server_time_ms
-from backup.sources.redis_records import canonical, display_key, record_expiry, record_head
+from backup.sources.redis_records import canonical, dec_bytes, display_key, record_expiry, record_head
 from restore.targets.base import ItemPlan, RestoreOptions
+from restore.targets.redis_fields import field_cut, field_expiries_on, fields_to_check
 
 TOLERANCE_MS = 2000
 EXAMPLES = 20
@@ -90,8 +92,10 @@ def _report(plan: ItemPlan) -> _Report:
 
 
 def _written(target, plan: ItemPlan, records: Iterator[bytes], report: _Report) -> Iterator[bytes]:
-    keep = target.written_filter(plan, RestoreOptions(ttl=plan.details.get("ttl_mode", "keep")))
-    for record in records:
+    ttl = plan.details.get("ttl_mode", "keep")
+    keep = target.written_filter(plan, RestoreOptions(ttl=ttl))
+    cut = field_cut(plan, ttl)
+    for record in records if cut is None else cut(records):
         if keep is None or keep(record):
             yield record
         elif record_head(record)[2] in (None, 0):
@@ -157,10 +161,15 @@ def verify_ttls(target, plan: ItemPlan, records: Iterator[bytes], read: ExpiryLo
     expiry on the target (no values), which also names the keys."""
     client, info = target.connection()
     report = _report(plan)
+    fields = None  # a server without field TTLs (--ttl none restores there) has none to look up
+    if plan.details.get("field_ttls") and info.has_field_ttls:
+        fields = _FieldCheck(client, plan.details, report)
     if read is not None and wrote is not None and read.complete and wrote.complete and read.count == wrote.count:
         if not _logs_differ(plan.details, wrote, read, server_time_ms(client)):
             report.checked = report.ok = read.count
             report.skipped_expired = plan.details.get("expired", 0)
+            if fields is not None:
+                fields.run(_written(target, plan, records, _report(plan)))
             return report.to_dict()
     batch: list[tuple[bytes, str, int | None]] = []
 
@@ -186,7 +195,8 @@ def verify_ttls(target, plan: ItemPlan, records: Iterator[bytes], read: ExpiryLo
                 report.ok += 1
         batch.clear()
 
-    for record in _written(target, plan, records, report):
+    written = _written(target, plan, records, report)
+    for record in written if fields is None else fields.tap(written):
         key, kind, part, x = record_head(record)
         if part in (None, 0):
             batch.append((key, kind, x))
@@ -195,6 +205,46 @@ def verify_ttls(target, plan: ItemPlan, records: Iterator[bytes], read: ExpiryLo
     if batch:
         check()
     return report.to_dict()
+
+
+class _FieldCheck:
+    """The expiries of the hash fields that have one in the snapshot ("fx"), looked up on the
+    target (HPEXPIRETIME) and held to ttl_problem's rules; a key with such a problem counts in
+    "ttl_differs" ("ok" counts the keys' own expiries). Fields without one in the snapshot are
+    not looked up: the restore wrote them into a deleted (or new) key, so they have none."""
+
+    def __init__(self, client, details: dict, report: _Report):
+        self.client, self.details, self.report = client, details, report
+        self.batch: list[tuple[bytes, list]] = []
+
+    def tap(self, records: Iterable[bytes]) -> Iterator[bytes]:
+        for record in records:
+            self._add(record)
+            yield record
+        self._check()
+
+    def run(self, records: Iterable[bytes]) -> None:
+        for record in records:
+            self._add(record)
+        self._check()
+
+    def _add(self, record: bytes) -> None:
+        self.batch.extend(fields_to_check((record,)))
+        if len(self.batch) >= BATCH:
+            self._check()
+
+    def _check(self) -> None:
+        if not self.batch:
+            return
+        now = server_time_ms(self.client)
+        for (key, fx), actual in zip(self.batch, field_expiries_on(self.client, self.batch)):
+            for (name, snap_x), found in zip(fx, actual):
+                problem = ("the field is gone" if found == -2 else
+                           ttl_problem(self.details, snap_x, None if found < 0 else found, now))
+                if problem is not None:
+                    self.report.add("ttl_differs", key, f"field {display_key(dec_bytes(name))}: {problem}")
+                    break
+        self.batch.clear()
 
 
 def _logs_differ(details: dict, wrote: ExpiryLog, read: ExpiryLog, now_ms: int) -> bool:

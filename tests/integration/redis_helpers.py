@@ -2,8 +2,8 @@
 test data covering every type, and the backup/restore flow the orchestrator runs.
 
 `run_restore` mirrors restore/run.py: plan, stream the snapshot's records (through
-plan.record_filter) into restore, then compare the digest of the records restore wrote
-(record_filter AND written_filter) with the digest of the target's read-back.
+plan.record_filter and the target's written_records) into restore, then compare the digest of
+the records restore wrote (those AND written_filter) with the digest of the target's read-back.
 """
 from __future__ import annotations
 
@@ -144,11 +144,11 @@ def run_restore(target, repo, manifest, *, only=(), mode="new", ttl="keep"):
     """plan -> restore -> (plan, expected (count, digest), read-back (count, digest)) per item."""
     options = RestoreOptions(mode=mode, ttl=ttl)
     results = []
-    for plan in target.plan(manifest, only=list(only), into=None, mode=mode):
+    for plan in target.plan(manifest, only=list(only), into=None, mode=mode, ttl=ttl):
         def records():
-            for r in repo.iter_records(plan.item):
-                if plan.record_filter is None or plan.record_filter(r):
-                    yield r
+            chosen = (r for r in repo.iter_records(plan.item) if plan.record_filter is None or plan.record_filter(r))
+            cut = target.written_records(plan, options)
+            return chosen if cut is None else cut(chosen)
 
         target.restore(plan, records(), options)
         keep = target.written_filter(plan, options)

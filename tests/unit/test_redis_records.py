@@ -6,7 +6,8 @@ import pytest
 
 from backup.sources.redis_keys import selector_may_match, sorted_minus, sorted_unique
 from backup.sources.redis_reader import _json_strings
-from backup.sources.redis_records import canonical, encode_record, record_head, record_key, zset_value
+from backup.sources.redis_records import (canonical, encode_record, field_expiries, record_expiry, record_head,
+                                          record_key, zset_value)
 
 
 @pytest.mark.parametrize("key", [b"plain", b'q"uo\\te","t":"x', "ünï".encode(), b"\xff\x00bin", b""])
@@ -16,6 +17,19 @@ def test_record_key_and_head_decode_only_the_key(key):
     assert record_head(record) == (key, "list", 2, 1795696330104)
     assert canonical(record) == canon
     assert orjson.loads(canon) == {k: v for k, v in orjson.loads(record).items() if k != "x"}
+
+
+@pytest.mark.parametrize("x", [None, 1795696330104])
+def test_field_expiries_follow_the_key_expiry_and_stay_out_of_the_canonical_form(x):
+    fx = [["a", 1795696330999], [{"b64": "/w=="}, 1795696331000]]
+    record, canon = encode_record(b'h,"x":1', "hash", [["a", ',"x":5,"fx":[]'], [{"b64": "/w=="}, "2"]], x,
+                                  part=1, field_expiries=fx)
+    assert record.endswith(b',"fx":' + orjson.dumps(fx) + b"}\n")
+    assert field_expiries(record) == fx
+    assert record_expiry(record) == x and record_head(record) == (b'h,"x":1', "hash", 1, x)
+    assert canonical(record) == canon == encode_record(b'h,"x":1', "hash", orjson.loads(canon)["v"], x, 1)[1]
+    plain, _ = encode_record(b"h", "hash", [["a", ',"fx":[["a",1]]']], x)
+    assert field_expiries(plain) is None and record_expiry(plain) == x
 
 
 def test_sorted_unique_spills_runs_and_merges_without_duplicates():
