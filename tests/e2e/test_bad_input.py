@@ -188,3 +188,25 @@ retry_max_wait_seconds = 0.1
     bad = statevault(tmp_path, "snapshots", "list", "--json")
     assert bad.returncode == 2 and "daemon.retry_attempts" in bad.stderr
     assert all(s not in bad.stdout + bad.stderr for s in (pg_password, redis_password, qdrant_key))
+
+
+def test_hash_field_ttls_into_a_server_that_cannot_hold_them_exit_2_and_write_nothing(
+        tmp_path, valkey_server, redis_server, fresh_redis_url):
+    import redis
+
+    source, older = fresh_redis_url(valkey_server), fresh_redis_url(redis_server)  # Valkey 9; Redis 7.0
+    c = redis.Redis.from_url(source)
+    c.hset("session:u1", mapping={"token": "t", "name": "ann"})
+    c.execute_command("HPEXPIRE", "session:u1", 3_600_000, "FIELDS", 1, "token")
+    write_config(tmp_path / "statevault.toml", GOOD_REPO + f'[sources.history]\nkind = "redis"\nurl = "{source}"\n')
+    assert statevault(tmp_path, "init").returncode == 0
+    backed = statevault(tmp_path, "backup", "history", "--json")
+    assert backed.returncode == 0, backed.stderr
+
+    refused = statevault(tmp_path, "restore", "latest", "--source", "history", "--to", older)
+    assert refused.returncode == 2, refused.stderr
+    assert "cannot hold field TTLs" in refused.stderr and "--ttl none" in refused.stderr
+    assert redis.Redis.from_url(older).dbsize() == 0
+    done = statevault(tmp_path, "restore", "latest", "--source", "history", "--to", older, "--ttl", "none")
+    assert done.returncode == 0, done.stderr
+    assert redis.Redis.from_url(older).hgetall("session:u1") == {b"token": b"t", b"name": b"ann"}
