@@ -25,7 +25,8 @@ and callers scroll when they are not (a gRPC client, a client version that moved
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 from urllib.parse import quote, urljoin
 
@@ -36,6 +37,7 @@ from backup.sources.qdrant_local import LocalPoint
 _SCROLL = "collections/{}/points/scroll"
 _POINTS = "collections/{}/points"
 _NEXT = b'"next_page_offset":'
+_SEND_WAIT = 5.0  # seconds the page loop waits for the next request to go out (then parses anyway)
 
 
 def rest_api(client: Any) -> Any | None:
@@ -52,18 +54,26 @@ def rest_api(client: Any) -> Any | None:
     return api
 
 
-def rest_call(api: Any, method: str, path: str, body: bytes, params: dict | None = None) -> bytes:
+def rest_call(api: Any, method: str, path: str, body: bytes, params: dict | None = None,
+              sent: threading.Event | None = None) -> bytes:
     """One REST request with a JSON body, as qdrant-client sends its own (its connection pool,
-    middleware and headers); the response body, or the client's UnexpectedResponse."""
+    middleware and headers); the response body, or the client's UnexpectedResponse. `sent` is
+    set once the request is on the wire (httpcore's trace of the body sent)."""
     from qdrant_client.http.exceptions import UnexpectedResponse
 
     url = urljoin(api.host if api.host.endswith("/") else api.host + "/", path)
-    request = api._client.build_request(method, url, content=body, params=params,
+    extensions = None if sent is None else {"trace": lambda event, info: _mark_sent(event, sent)}
+    request = api._client.build_request(method, url, content=body, params=params, extensions=extensions,
                                         headers={"Content-Type": "application/json"})
     response = api.middleware(request, api.send_inner)
     if response.status_code != 200:
         raise UnexpectedResponse.for_response(response)
     return response.content
+
+
+def _mark_sent(event: str, sent: threading.Event) -> None:
+    if event.endswith("send_request_body.complete"):
+        sent.set()
 
 
 def upsert_points(api: Any, name: str, points: list[dict]) -> None:
@@ -82,30 +92,45 @@ def iter_rest_pages(api: Any, name: str, page_size: int) -> Iterator[list[LocalP
     The next page is asked for before this one is parsed: its offset is read off the end of
     the response (`next_page_offset` follows the points), so the server builds page N+1 while
     page N is parsed and encoded here. A worker thread only sends the request and receives the
-    body (the GIL is free meanwhile); the parsing stays on the caller's thread. When the offset
+    body; the parsing stays on the caller's thread, and starts once the worker's request is on
+    the wire (`ask`). When the offset
     read off the end is not the parsed one (a server that orders its fields otherwise), the
     page asked for ahead is dropped and the right one asked for."""
-    def fetch(offset: Any) -> bytes:
+    def fetch(offset: Any, sent: threading.Event) -> bytes:
         body = {"limit": page_size, "with_payload": True, "with_vector": True}
         if offset is not None:
             body = {"offset": offset, **body}
-        return rest_call(api, "POST", _SCROLL.format(quote(name, safe="")), orjson.dumps(body))
+        try:
+            return rest_call(api, "POST", _SCROLL.format(quote(name, safe="")), orjson.dumps(body), sent=sent)
+        finally:
+            sent.set()
+
+    def ask(offset: Any) -> Future:
+        """Page `offset`, once its request is on the wire: orjson holds the GIL for its whole
+        parse (~7 ms a 512-point page), and a worker that could not send meanwhile left the
+        server idle for as long. 20k x 384 points against `offline serve`: the page loop alone
+        1.24-1.39 -> 0.86-0.94 s; the backup, medians of 6 alternating runs, 1.61 -> 1.17 s
+        (the bare scroll 1.25 s)."""
+        sent = threading.Event()
+        future = pool.submit(fetch, offset, sent)
+        sent.wait(_SEND_WAIT)
+        return future
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-scroll") as pool:
-        ahead = pool.submit(fetch, None)
+        ahead = ask(None)
         try:
             while True:
                 content = ahead.result()
                 guess = _trailing_offset(content)
                 if guess is not None:
-                    ahead = pool.submit(fetch, guess)
+                    ahead = ask(guess)
                 result = orjson.loads(content)["result"]
                 offset = result.get("next_page_offset")
                 if offset != guess:
                     if guess is not None and not ahead.cancel():
                         ahead.exception()  # a page not needed, already on its way: wait it out
                     if offset is not None:
-                        ahead = pool.submit(fetch, offset)
+                        ahead = ask(offset)
                 points = result["points"]
                 if points:
                     yield [LocalPoint(p["id"], p.get("payload"), _vector(p.get("vector"))) for p in points]

@@ -188,3 +188,31 @@ def test_a_restore_to_a_server_upserts_the_points_scroll_reads_back(stand_in, mo
         target.close()
     rest, own = (list(iter_collection_records(client, n, schema, False)) for n in ("via_rest", "via_client"))
     assert rest == own and len(rest) == 40
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_the_next_page_is_on_the_wire_before_this_one_is_parsed(stand_in, monkeypatch):
+    """Parsing a page holds the GIL: if the worker had not sent the next request by then, the
+    server would sit idle until the parse ended. Sends are slowed here, so a loop that did not
+    wait for them would parse first."""
+    import time
+    from types import SimpleNamespace
+
+    local, client, _ = stand_in
+    monkeypatch.setattr(qdrant_source, "REST_DIRECT_READ", True)
+    api = rest_api(client)
+    send = api.send_inner
+    monkeypatch.setattr(api, "send_inner", lambda request: time.sleep(0.05) or send(request))
+    events = []
+    mark = qdrant_rest._mark_sent
+    monkeypatch.setattr(qdrant_rest, "_mark_sent",
+                        lambda event, sent: (events.append("sent") if event.endswith("send_request_body.complete")
+                                             else None, mark(event, sent)))
+    loads = orjson.loads
+    monkeypatch.setattr(qdrant_rest, "orjson", SimpleNamespace(
+        dumps=orjson.dumps, JSONDecodeError=orjson.JSONDecodeError,
+        loads=lambda data: (events.append("parse") if b'"points"' in data else None, loads(data))[1]))
+    pages = [len(page) for page in iter_pages(client, "mixed", page_size=7)]
+    assert pages == [7] * 5 + [5]
+    # each page's parse comes after the next page's request went out (the last has no next)
+    assert events == ["sent"] + ["sent", "parse"] * 5 + ["parse"]
