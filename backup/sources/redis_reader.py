@@ -78,6 +78,19 @@ def _bulks(keys: list[bytes]) -> list[bytes]:
     return [b"$%d\r\n%b\r\n" % (len(k), k) for k in keys]
 
 
+def _json_bodies(raw: list[bytes]) -> list[bytes]:
+    """orjson.dumps(r.decode()) without its quotes, for each r of a non-empty list (raises
+    UnicodeDecodeError when one is not UTF-8).
+
+    ASCII without control characters, the common case (JSON text, key names), is escaped as
+    orjson escapes it (a backslash before each backslash and quote) on the whole list joined
+    by NULs, then split at them: no str per value. Anything else goes through orjson."""
+    blob = b"\x00".join(raw)
+    if blob.isascii() and np.count_nonzero(np.frombuffer(blob, dtype=np.uint8) < 0x20) == len(raw) - 1:
+        return blob.replace(b"\\", b"\\\\").replace(b'"', b'\\"').split(b"\x00")
+    return _json_strings([r.decode() for r in raw])
+
+
 def _json_strings(texts: list[str]) -> list[bytes]:
     """orjson.dumps(t) without its quotes, for each t of a non-empty list: one dumps of the
     whole list, cut at the '","' between elements. A quote inside a JSON string is always
@@ -273,8 +286,8 @@ class KeyReader:
         if None in values:
             return None
         try:
-            ks = _json_strings([k.decode() for k in keys])
-            vs = _json_strings([v.decode() for v in values])
+            ks = _json_bodies(keys)
+            vs = _json_bodies(values)
         except UnicodeDecodeError:
             return None
         # each line built by one formatting (not a body plus tails: 2 copies of ~1 KB less a key)

@@ -5,7 +5,7 @@ import orjson
 import pytest
 
 from backup.sources.redis_keys import selector_may_match, sorted_minus, sorted_unique
-from backup.sources.redis_reader import _json_strings
+from backup.sources.redis_reader import _json_bodies, _json_strings
 from backup.sources.redis_records import (canonical, encode_record, field_expiries, record_expiry, record_head,
                                           record_key, zset_value)
 
@@ -112,7 +112,14 @@ def test_selector_may_match_prunes_items_that_cannot_hold_the_selection(selector
     ["back\\", '","', "slash\\", "x"],            # a backslash before a real separator
     ['quote\\",', '"x', '\\","', "y"],             # '\\","' inside a string: the slow path
     ["line\nbreak", "tab\tand\u0001control", "ünï©ødé ☃", "\U0001F600", "\\"],
+    ["nul\x00inside", "a"], ["del\x7f", '"\\"', ""],  # a NUL: not the ASCII path's separator
 ])
 def test_json_strings_equals_one_dumps_per_text(texts):
     expected = [orjson.dumps(t)[1:-1] for t in texts]
     assert _json_strings(texts) == expected
+    assert _json_bodies([t.encode() for t in texts]) == expected  # from bytes: the ASCII path or orjson's
+
+
+def test_json_bodies_refuses_what_is_not_utf8():
+    with pytest.raises(UnicodeDecodeError):
+        _json_bodies([b"ok", b"\xff"])
