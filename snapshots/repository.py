@@ -30,11 +30,12 @@ READ_AHEAD = 4
 
 class Repository:
     def __init__(self, store: ObjectStore, config: RepoConfig, *, compression_level: int | None = None,
-                 upload_concurrency: int = 4, lease_ttl: float = 300):
+                 upload_concurrency: int = 4, lease_ttl: float = 300, upload_nice: int = 0):
         self.store = store
         self.config = config
         self.compression_level = compression_level
         self.upload_concurrency = upload_concurrency
+        self.upload_nice = upload_nice
         self.lease_ttl = lease_ttl
         self.url = redact_url(store.url)
         self.manifest_errors: list[ManifestError] = []
@@ -215,4 +216,5 @@ def open_repository(url: str | RepositorySettings, *, endpoint_url: str | None =
         raise ManifestError(f"repository format {repo_config.format_version} is newer than this statevault "
                             f"reads ({FORMAT_VERSION}); upgrade statevault")
     return Repository(store, repo_config, compression_level=settings.compression_level,
-                      upload_concurrency=settings.upload_concurrency, lease_ttl=settings.lease_ttl_seconds)
+                      upload_concurrency=settings.upload_concurrency, lease_ttl=settings.lease_ttl_seconds,
+                      upload_nice=settings.upload_nice)

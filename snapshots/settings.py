@@ -85,6 +85,10 @@ class RepositorySettings(Frozen):
     # (snapshots/codec.py DEFAULT_LEVELS: postgres 3, redis 2, qdrant 1)
     compression_level: int | None = Field(None, ge=1, le=22)
     upload_concurrency: int = Field(4, ge=1, le=64)
+    # added to the nice value of the threads that hash, compress and upload chunks (Linux), so
+    # the source reader, which holds the store's cut open, and a database server on the same
+    # host win the CPU; the uploads catch up in the reader's waits. 0: same priority.
+    upload_nice: int = Field(10, ge=0, le=19)
     # chunks no manifest references are deleted by prune only when older than this
     prune_grace: str = "24h"
     lease_ttl_seconds: int = Field(300, ge=5)

@@ -13,6 +13,8 @@ does not exist, and a crash leaves only unreferenced chunks for prune.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,13 +80,33 @@ class WriteStats:
         return {k: getattr(self, k) for k in ("chunks", "chunks_new", "bytes_read", "bytes_uploaded", "bytes_deduplicated")}
 
 
+def lower_thread_priority(step: int) -> None:
+    """Add `step` to the calling thread's nice value (Linux, where it is per thread; elsewhere
+    it would be the whole process's, so nothing), up to 19. Never raises: a refusal leaves the
+    thread as it was.
+
+    For the upload pool (repository.upload_nice): the reader and the store's server are the
+    backup's critical path, compression can lag by the in-flight budget. Alternating backups on
+    2 CPUs, medians: Redis 200k keys 1.60 -> 1.56 s (+10) / 1.54 s (+19), PostgreSQL 1M rows
+    1.99 -> 1.90 s (either). Under systemd or Kubernetes each service has its own cgroup, so
+    this orders statevault's own threads, not statevault against other services."""
+    if step <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except OSError:
+        pass
+
+
 class _Uploader:
     def __init__(self, repo: "Repository", known: dict[str, int], stats: WriteStats, level: int):
         self.repo = repo
         self.known = known  # chunk id -> stored size, from the source's previous manifest
         self.stats = stats
         self.level = level
-        self._pool = ThreadPoolExecutor(max_workers=repo.upload_concurrency, thread_name_prefix="upload")
+        self._pool = ThreadPoolExecutor(max_workers=repo.upload_concurrency, thread_name_prefix="upload",
+                                        initializer=lower_thread_priority, initargs=(repo.upload_nice,))
         # a budget of bytes, not of chunks: chunk sizes have a long tail (up to chunk_max_size,
         # 4x the average), and with a count limit the peak memory rose with the number of chunks,
         # as a longer backup met a run of big ones in flight together

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 import tracemalloc
@@ -224,6 +225,33 @@ def test_chunks_in_flight_stay_within_the_byte_budget(repo):
     assert all(n <= budget or n == size for n, size in seen), [x for x in seen if x[0] > budget]
     assert max(n for n, _ in seen) > budget / 2  # the writer did run into the budget
     assert uploader.in_flight == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("step", [None, 5, 0])
+def test_upload_threads_run_at_a_lower_priority_than_the_reader(repo, step):
+    """repository.upload_nice (default 10) is added to the upload threads' nice value, not the
+    reader's (the caller's) or the process's."""
+    import os
+
+    if step is not None:
+        repo.upload_nice = step
+    assert repo.upload_nice == (10 if step is None else step)  # the settings' default
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = set()
+    writer = repo.begin_snapshot("memory", "postgres")
+    real_store = writer._uploader._store
+
+    def store(data, records):
+        seen.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real_store(data, records)
+
+    writer._uploader._store = store
+    with writer.item("t", "table", "jsonl") as w:
+        w.add_many(memory_rows(5000))
+    writer.commit(utcnow())
+    assert seen == {min(19, mine + repo.upload_nice)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 @pytest.mark.parametrize("kind, source_level, repo_level, expected", [
