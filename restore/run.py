@@ -260,7 +260,9 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
             records = (r for r in repo.iter_records(item) if keep is None or keep(r))
             ttls = ttl_check(plan, records) if log is None else ttl_check(plan, records, log, tee.log)
             if not ttls.get("passed", True):
-                check.problems.append(f"TTLs differ: {ttls.get('ttl_differs')} keys")
+                check.problems.append("; ".join(f"{name.replace('_', ' ')}: {found['count']} key(s)"
+                                                for name, found in ttls.items() if name != "expired"
+                                                and isinstance(found, dict) and found.get("count")))
                 check.diff = {"ttl": ttls}
     finally:
         for used in (log, tee.log):

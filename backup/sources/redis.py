@@ -86,6 +86,8 @@ class RedisCut:
         self.source_info["skipped_keys"] = dict(self.reader.skipped)
         if self.reader.field_ttls:
             self.source_info["hash_field_ttls"] = self.reader.keys_with_field_ttls
+        if self.reader.streams_with_counters:  # verification looks their counters up
+            self.source_info["stream_counters"] = self.reader.streams_with_counters
         if self.reader.dropped_pending:
             self.source_info["dropped_pending_entries"] = self.reader.dropped_pending
 

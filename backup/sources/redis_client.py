@@ -82,6 +82,12 @@ class ServerInfo:
     has_pexpiretime: bool   # Redis >= 7.0 and every Valkey
     has_field_ttls: bool = False  # hash field TTLs (HPEXPIREAT ...): Redis >= 7.4, Valkey >= 9
 
+    @property
+    def has_stream_counters(self) -> bool:
+        """entries-added, max-deleted-entry-id and entries-read (XSETID / XGROUP CREATE take them):
+        the servers with PEXPIRETIME, Redis >= 7.0 and every Valkey."""
+        return self.has_pexpiretime
+
     def to_dict(self) -> dict:
         return {"server": self.flavour, "version": self.version, "redis_version": self.redis_version, "db": self.db}
 

@@ -30,13 +30,12 @@ import logging
 from itertools import islice
 from typing import Iterable, Iterator, NamedTuple
 
-import numpy as np
 import orjson
 
 from backup.sources.redis_client import ServerInfo, ReplyPipe, _pack, execute_many, execute_packed, raise_first_error
-from backup.sources.redis_records import (PART_SIZE, TYPES, encode_record, enc, field_expiry_pairs, flat_to_dict,
-                                          list_value, pairs_value, pending_value, stream_entries, stream_groups,
-                                          zset_value)
+from backup.sources.redis_records import (PART_SIZE, TYPES, counters_value, encode_record, enc, field_expiry_pairs,
+                                          flat_to_dict, json_bodies, list_value, pairs_value, pending_value,
+                                          stream_entries, stream_groups, zset_value)
 from snapshots.codec import batched
 
 log = logging.getLogger("statevault.backup.redis")
@@ -78,38 +77,6 @@ def _bulks(keys: list[bytes]) -> list[bytes]:
     return [b"$%d\r\n%b\r\n" % (len(k), k) for k in keys]
 
 
-def _json_bodies(raw: list[bytes]) -> list[bytes]:
-    """orjson.dumps(r.decode()) without its quotes, for each r of a non-empty list (raises
-    UnicodeDecodeError when one is not UTF-8).
-
-    ASCII without control characters, the common case (JSON text, key names), is escaped as
-    orjson escapes it (a backslash before each backslash and quote) on the whole list joined
-    by NULs, then split at them: no str per value. Anything else goes through orjson."""
-    blob = b"\x00".join(raw)
-    if blob.isascii() and np.count_nonzero(np.frombuffer(blob, dtype=np.uint8) < 0x20) == len(raw) - 1:
-        return blob.replace(b"\\", b"\\\\").replace(b'"', b'\\"').split(b"\x00")
-    return _json_strings([r.decode() for r in raw])
-
-
-def _json_strings(texts: list[str]) -> list[bytes]:
-    """orjson.dumps(t) without its quotes, for each t of a non-empty list: one dumps of the
-    whole list, cut at the '","' between elements. A quote inside a JSON string is always
-    escaped ('\\"'), so a '","' whose quote follows a backslash may lie inside a string; when
-    there is one, encode one by one instead. The separators are found with numpy among the
-    quotes: bytes.split and `in` crawl through JSON values full of quotes (~1 GB/s)."""
-    data = orjson.dumps(texts)
-    if len(texts) == 1:
-        return [data[2:-2]]
-    arr = np.frombuffer(data, dtype=np.uint8)
-    quotes = np.flatnonzero(arr[:-2] == 0x22)
-    seps = quotes[(arr[quotes + 1] == 0x2C) & (arr[quotes + 2] == 0x22)]
-    if len(seps) == len(texts) - 1 and not (arr[seps - 1] == 0x5C).any():
-        cuts = seps.tolist()
-        return [data[a:b] for a, b in zip([2, *(c + 3 for c in cuts)], [*cuts, len(data) - 2])]
-    dumps = orjson.dumps
-    return [dumps(t)[1:-1] for t in texts]
-
-
 class Segment(NamedTuple):
     keys: list[bytes]
     kinds: list[bytes]
@@ -131,6 +98,7 @@ class KeyReader:
         # asked for when the server has such fields: the digest never covers them)
         self.field_ttls = field_ttls
         self.keys_with_field_ttls = 0
+        self.streams_with_counters = 0
         self._field_expiry: dict[bytes, dict[bytes, int]] = {}  # a segment's hashes read whole: field -> ms
         self.skipped: dict[str, int] = {}
         self.dropped_pending = 0  # pending entries of messages gone from their stream
@@ -286,8 +254,8 @@ class KeyReader:
         if None in values:
             return None
         try:
-            ks = _json_bodies(keys)
-            vs = _json_bodies(values)
+            ks = json_bodies(keys)
+            vs = json_bodies(values)
         except UnicodeDecodeError:
             return None
         # each line built by one formatting (not a body plus tails: 2 copies of ~1 KB less a key)
@@ -462,11 +430,13 @@ class KeyReader:
             piece = next(pending, None)
         meta = {"last_id": flat_to_dict(info)["last-generated-id"].decode("ascii"),
                 "groups": stream_groups(groups, consumers)}
+        sx = counters_value(info, groups) if self.group_state else None
+        self.streams_with_counters += sx is not None
         if len(entries) <= n and piece is None:
-            yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x)
+            yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x, counters=sx)
             return
         more, entries = len(entries) > n, entries[:n]
-        yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x, 0)
+        yield encode_record(key, "stream", {"entries": stream_entries(entries), **meta}, x, 0, counters=sx)
         p = 1
         while more:
             entries = self.client.execute_command("XRANGE", key, b"(" + entries[-1][0], "+", "COUNT", n)

@@ -7,18 +7,22 @@ Redis >= 6.2 and Valkey.
 
 A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exactly this order:
 
-    {"k": KEY, "t": TYPE, ["p": PART,] "v": VALUE, "x": EXPIRY[, "fx": FIELD EXPIRIES]}
+    {"k": KEY, "t": TYPE, ["p": PART,] "v": VALUE, "x": EXPIRY[, "fx": FIELD EXPIRIES | "sx": COUNTERS]}
 
 - KEY and every element below are *binary-safe strings*: a JSON string when the bytes are
   valid UTF-8, else an object {"b64": "<standard base64 with padding>"}.
 - TYPE is one of "string", "list", "hash", "set", "zset", "stream".
 - EXPIRY is the key's absolute expiry as unix time in milliseconds (an integer), or null for a
-  key without a TTL. Only "fx" may follow it, and the remaining TTL at backup time is NOT
+  key without a TTL. Only "fx" or "sx" may follow it, and the remaining TTL at backup time is NOT
   stored (it changes with every backup and would defeat dedup); `--ttl reset` derives it as
   EXPIRY minus the snapshot's cut time.
 - FIELD EXPIRIES (hash records only, and only when some of the record's fields have their own
   TTL: HEXPIRE on Valkey 9 / Redis 7.4+): [[field, expiry ms], ...] for those fields, in the
   record's field order, as absolute unix milliseconds like EXPIRY.
+- COUNTERS (a stream's only record or part 0, from Redis 7+ / Valkey servers, which keep
+  them): [entries-added, max-deleted-entry-id, [[group, entries-read or null], ...] sorted
+  by group name]: what XINFO GROUPS computes a group's lag from. A 6.2 target has no such
+  counters and ignores them.
 - VALUE by type:
     string  the value (a binary-safe string)
     list    the elements, in list order
@@ -36,9 +40,8 @@ A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exac
             A pending entry whose message is gone from the stream (XDEL, XTRIM) is left out:
             no command can recreate it, and Redis 7 drops such entries itself on XAUTOCLAIM.
             Not stored: a pending entry's idle time (it restarts at the restore: the entry
-            looks freshly delivered, to the same consumer with the same delivery count), a
-            consumer's idle/seen time, a group's entries-read/lag and the 7.0 stream counters
-            (entries-added, max-deleted-entry-id): none of them exists on 6.2.
+            looks freshly delivered, to the same consumer with the same delivery count) and a
+            consumer's idle/seen time. The 7.0 counters a group's lag comes from are in "sx".
 - Large collections are split so no record holds more than PART_SIZE elements (list
   elements, hash pairs, set members, zset pairs, stream entries, pending entries): a key with
   more than PART_SIZE elements becomes consecutive records with "p": 0, 1, 2, ... holding
@@ -48,8 +51,8 @@ A record is one line of UTF-8 JSON, terminated by "\\n", with the fields in exac
   record has no "p".
 - Within an item, records are sorted by the key's raw bytes, then by part.
 
-Earlier formats restore as before: `redis-jsonl-v2` is v3 without "fx" (snapshots taken
-before hash field TTLs were kept: their fields were stored without expiry, and the snapshot's
+Earlier formats restore as before: `redis-jsonl-v2` is v3 without "fx" and "sx" (snapshots
+taken before hash field TTLs and stream counters were kept: their fields were stored without expiry, and the snapshot's
 source_info says how many keys had them); `redis-jsonl-v1` (before consumer state was kept)
 is v2 without consumers (groups are [name, last-delivered-id]) and without pending parts, and
 its verification reads the target back in v1 form.
@@ -59,8 +62,9 @@ encoding.
 
 The digest covers the *canonical* record: the record without its `,"x":...` field and what
 follows (key and field TTLs: a TTL read back from a server cannot always be compared exactly,
-and --ttl reset / none change them on purpose). `canonical()` cuts them off without parsing:
-"fx" holds arrays of [string, number] pairs, where a `,"x":` cannot occur.
+and --ttl reset / none change them on purpose; stream counters: a 6.2 server has none).
+`canonical()` cuts them off without parsing: "fx" and "sx" hold arrays, of numbers and
+[string, number] pairs, where a `,"x":` cannot occur.
 
 Example (a string with a TTL, a binary list, a zset):
 
@@ -73,6 +77,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import numpy as np
 import orjson
 
 FORMAT = "redis-jsonl-v3"
@@ -84,6 +89,7 @@ PART_SIZE = 10_000
 
 _X = b',"x":'
 _FX = b',"fx":'
+_SX = b',"sx":'
 _K_STR = b'{"k":"'
 _K_B64 = b'{"k":{"b64":"'
 _K_END = b'","t":"'
@@ -110,10 +116,11 @@ def dec_bytes(value: str | dict[str, str]) -> bytes:
     return base64.b64decode(value["b64"])
 
 
-def encode_record(key: bytes, kind: str, value: Any, expiry_ms: int | None,
-                  part: int | None = None, field_expiries: list | None = None) -> tuple[bytes, bytes]:
+def encode_record(key: bytes, kind: str, value: Any, expiry_ms: int | None, part: int | None = None,
+                  field_expiries: list | None = None, counters: list | None = None) -> tuple[bytes, bytes]:
     """(record, canonical) for one key or one part of a split key; `field_expiries`: a hash
-    record's [[field, ms], ...] (see the module docstring), None or empty for none."""
+    record's [[field, ms], ...], `counters` a stream's (see the module docstring), None or
+    empty for none."""
     if part is None:
         body = orjson.dumps({"k": enc(key), "t": kind, "v": value})
     else:
@@ -121,6 +128,8 @@ def encode_record(key: bytes, kind: str, value: Any, expiry_ms: int | None,
     tail = b',"x":null' if expiry_ms is None else b',"x":%d' % expiry_ms
     if field_expiries:
         tail += _FX + orjson.dumps(field_expiries)
+    if counters:
+        tail += _SX + orjson.dumps(counters)
     return body[:-1] + tail + b"}\n", body + b"\n"
 
 
@@ -143,6 +152,15 @@ def record_expiry(record: bytes) -> int | None:
     j = record.find(b",", i)  # "fx" follows
     raw = record[i:].rstrip(b"}\n \r") if j < 0 else record[i:j]
     return None if raw == b"null" else int(raw)
+
+
+def stream_counters(record: bytes) -> list | None:
+    """A stream record's "sx" ([entries-added, max-deleted-id, [[group, entries-read], ...]]),
+    None without it."""
+    i = record.rfind(_SX)
+    if i < 0 or i < record.rfind(_X):
+        return None
+    return orjson.loads(record[i + len(_SX):record.rindex(b"}")])
 
 
 def field_expiries(record: bytes) -> list | None:
@@ -201,6 +219,38 @@ def decode_record(record: bytes) -> dict[str, Any]:
 
 # Each has a fast path for all-UTF-8 data (bytes.decode in a comprehension, no call to `enc`
 # per element) and falls back to `enc` per element on the first undecodable one.
+
+def json_bodies(raw: list[bytes]) -> list[bytes]:
+    """orjson.dumps(r.decode()) without its quotes, for each r of a non-empty list (raises
+    UnicodeDecodeError when one is not UTF-8).
+
+    ASCII without control characters, the common case (JSON text, key names), is escaped as
+    orjson escapes it (a backslash before each backslash and quote) on the whole list joined
+    by NULs, then split at them: no str per value. Anything else goes through orjson."""
+    blob = b"\x00".join(raw)
+    if blob.isascii() and np.count_nonzero(np.frombuffer(blob, dtype=np.uint8) < 0x20) == len(raw) - 1:
+        return blob.replace(b"\\", b"\\\\").replace(b'"', b'\\"').split(b"\x00")
+    return json_strings([r.decode() for r in raw])
+
+
+def json_strings(texts: list[str]) -> list[bytes]:
+    """orjson.dumps(t) without its quotes, for each t of a non-empty list: one dumps of the
+    whole list, cut at the '","' between elements. A quote inside a JSON string is always
+    escaped ('\\"'), so a '","' whose quote follows a backslash may lie inside a string; when
+    there is one, encode one by one instead. The separators are found with numpy among the
+    quotes: bytes.split and `in` crawl through JSON values full of quotes (~1 GB/s)."""
+    data = orjson.dumps(texts)
+    if len(texts) == 1:
+        return [data[2:-2]]
+    arr = np.frombuffer(data, dtype=np.uint8)
+    quotes = np.flatnonzero(arr[:-2] == 0x22)
+    seps = quotes[(arr[quotes + 1] == 0x2C) & (arr[quotes + 2] == 0x22)]
+    if len(seps) == len(texts) - 1 and not (arr[seps - 1] == 0x5C).any():
+        cuts = seps.tolist()
+        return [data[a:b] for a, b in zip([2, *(c + 3 for c in cuts)], [*cuts, len(data) - 2])]
+    dumps = orjson.dumps
+    return [dumps(t)[1:-1] for t in texts]
+
 
 def list_value(items: list[bytes]) -> list:
     try:
@@ -265,6 +315,16 @@ def stream_groups(raw_groups: list, consumers: dict[bytes, list[bytes]] | None =
         return [[enc(name), last.decode("ascii")] for name, last in sorted(groups)]
     return [[enc(name), last.decode("ascii"), [enc(c) for c in sorted(consumers.get(name, ()))]]
             for name, last in sorted(groups)]
+
+
+def counters_value(info: list, raw_groups: list) -> list | None:
+    """XINFO STREAM and XINFO GROUPS to a stream record's "sx"; None from a server that does
+    not keep the counters (6.2)."""
+    d = flat_to_dict(info)
+    if "entries-added" not in d:
+        return None
+    reads = sorted((g["name"], g.get("entries-read")) for g in map(flat_to_dict, raw_groups))
+    return [int(d["entries-added"]), d["max-deleted-entry-id"].decode("ascii"), [[enc(n), r] for n, r in reads]]
 
 
 def pending_value(rows: list[tuple[bytes, bytes, bytes, int]]) -> dict:

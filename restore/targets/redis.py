@@ -167,6 +167,7 @@ class RedisTarget:
                     "cut_time_ms": schema.get("cut_time_ms", int(manifest.cut_time.timestamp() * 1000)),
                     "expiry_cutoff_ms": now + int(margin * 1000), "live_examples": examples,
                     "server": info.to_dict(), "field_ttls": field_ttls,
+                    "stream_counters": int(manifest.source_info.get("stream_counters") or 0),
                 }
                 plans.append(ItemPlan(item=item, target=pattern, action="create" if mode == "new" else "replace",
                                       live_records=live, record_filter=KeyFilter(selectors) if selectors else None,
@@ -216,7 +217,7 @@ class RedisTarget:
                 self._created.append((plan, written))
             writer = _KeyWriter(client, transaction=replace, ttl=options.ttl, cutoff=d["expiry_cutoff_ms"],
                                 cut_ms=d["cut_time_ms"], batch_size=max(1, options.batch_size),
-                                on_key=written.add)
+                                on_key=written.add, counters=self.connection()[1].has_stream_counters)
             writer.run(records)
             d.update(written=writer.written, expired=writer.skipped, expired_examples=writer.skipped_examples)
             if replace:
@@ -290,8 +291,9 @@ class _KeyWriter:
     """Pipelines the commands recreating each record's key (a key's parts arrive in order)."""
 
     def __init__(self, client, *, transaction: bool, ttl: str, cutoff: int, cut_ms: int, batch_size: int,
-                 on_key: Callable[[bytes], None] | None):
+                 on_key: Callable[[bytes], None] | None, counters: bool = False):
         self.client, self.transaction, self.ttl = client, transaction, ttl
+        self.counters = counters  # the target keeps stream counters (Redis 7+, Valkey): restore "sx"
         self.cutoff, self.cut_ms, self.batch_size, self.on_key = cutoff, cut_ms, batch_size, on_key
         self.written = 0
         self.skipped = 0
@@ -362,7 +364,7 @@ class _KeyWriter:
                     if not v["entries"]:  # an empty stream still exists: create it through a group
                         cmd(("XGROUP", "CREATE", key, _TMP_GROUP, "0", "MKSTREAM"))
                         cmd(("XGROUP", "DESTROY", key, _TMP_GROUP))
-                    stream_meta = (v["last_id"], v["groups"])
+                    stream_meta = (v["last_id"], v["groups"], r.get("sx") if self.counters else None)
             else:
                 raise IncompatibleTargetError(f"record for key {display_key(key)!r} has unknown type {kind!r}")
             if first:
@@ -398,11 +400,18 @@ class _KeyWriter:
                 raise_first_error(replies[-1])
 
     @staticmethod
-    def _finish_stream(cmd, key: bytes, meta: tuple[str, list]) -> None:
-        last_id, groups = meta
-        cmd(("XSETID", key, last_id))
+    def _finish_stream(cmd, key: bytes, meta: tuple[str, list, list | None]) -> None:
+        last_id, groups, counters = meta
+        reads: dict = {}
+        if counters:  # v3 "sx": entries-added, max-deleted-entry-id, each group's entries-read
+            added, max_deleted, group_reads = counters
+            cmd(("XSETID", key, last_id, "ENTRIESADDED", added, "MAXDELETEDID", max_deleted))
+            reads = {orjson.dumps(name): n for name, n in group_reads if n is not None}
+        else:
+            cmd(("XSETID", key, last_id))
         for name, delivered, *consumers in groups:  # v1: [name, id]; v2: [name, id, [consumer, ...]]
-            cmd(("XGROUP", "CREATE", key, dec(name), delivered))
+            n = reads.get(orjson.dumps(name))
+            cmd(("XGROUP", "CREATE", key, dec(name), delivered, *(() if n is None else ("ENTRIESREAD", n))))
             for consumer in (consumers[0] if consumers else ()):
                 cmd(("XGROUP", "CREATECONSUMER", key, dec(name), dec(consumer)))
 

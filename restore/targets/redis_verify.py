@@ -22,7 +22,8 @@ verify_ttls is called on its own, each key is looked up (which names the keys th
 TTL rules (TOLERANCE_MS either way): a key without expiry in the snapshot, or any key under
 --ttl none, must have none on the target; --ttl keep: the same absolute expiry; --ttl reset:
 (expiry - cut time) after a moment between the start and the end of the restore. Hash fields
-with their own expiry in the snapshot are held to the same rules (_FieldCheck).
+with their own expiry in the snapshot are held to the same rules, and streams' counters must
+be the snapshot's (_StateCheck).
 """
 from __future__ import annotations
 
@@ -33,15 +34,16 @@ from typing import Iterable, Iterator
 import blake3
 import numpy as np
 
-from backup.sources.redis_client import server_time_ms
-from backup.sources.redis_records import canonical, dec_bytes, display_key, record_expiry, record_head
+from backup.sources.redis_client import execute_many, raise_first_error, server_time_ms
+from backup.sources.redis_records import (canonical, counters_value, dec_bytes, display_key, record_expiry, record_head,
+                                          record_key, stream_counters)
 from restore.targets.base import ItemPlan, RestoreOptions
 from restore.targets.redis_fields import field_cut, field_expiries_on, fields_to_check
 
 TOLERANCE_MS = 2000
 EXAMPLES = 20
 BATCH = 500
-CATEGORIES = ("missing", "expired", "extra", "type_differs", "value_differs", "ttl_differs")
+CATEGORIES = ("missing", "expired", "extra", "type_differs", "value_differs", "ttl_differs", "counters_differ")
 
 
 def expiry_window(details: dict, snap_x, now_ms: int):
@@ -161,15 +163,17 @@ def verify_ttls(target, plan: ItemPlan, records: Iterator[bytes], read: ExpiryLo
     expiry on the target (no values), which also names the keys."""
     client, info = target.connection()
     report = _report(plan)
-    fields = None  # a server without field TTLs (--ttl none restores there) has none to look up
-    if plan.details.get("field_ttls") and info.has_field_ttls:
-        fields = _FieldCheck(client, plan.details, report)
+    # hash field TTLs and stream counters, where the snapshot has some and the target keeps them
+    # (a server without field TTLs takes a restore with --ttl none; 6.2 has no stream counters)
+    fields = bool(plan.details.get("field_ttls")) and info.has_field_ttls
+    streams = bool(plan.details.get("stream_counters")) and info.has_stream_counters
+    state = _StateCheck(client, plan.details, report, fields, streams) if fields or streams else None
     if read is not None and wrote is not None and read.complete and wrote.complete and read.count == wrote.count:
         if not _logs_differ(plan.details, wrote, read, server_time_ms(client)):
             report.checked = report.ok = read.count
             report.skipped_expired = plan.details.get("expired", 0)
-            if fields is not None:
-                fields.run(_written(target, plan, records, _report(plan)))
+            if state is not None:
+                state.run(_written(target, plan, records, _report(plan)))
             return report.to_dict()
     batch: list[tuple[bytes, str, int | None]] = []
 
@@ -196,7 +200,7 @@ def verify_ttls(target, plan: ItemPlan, records: Iterator[bytes], read: ExpiryLo
         batch.clear()
 
     written = _written(target, plan, records, report)
-    for record in written if fields is None else fields.tap(written):
+    for record in written if state is None else state.tap(written):
         key, kind, part, x = record_head(record)
         if part in (None, 0):
             batch.append((key, kind, x))
@@ -207,15 +211,19 @@ def verify_ttls(target, plan: ItemPlan, records: Iterator[bytes], read: ExpiryLo
     return report.to_dict()
 
 
-class _FieldCheck:
-    """The expiries of the hash fields that have one in the snapshot ("fx"), looked up on the
-    target (HPEXPIRETIME) and held to ttl_problem's rules; a key with such a problem counts in
-    "ttl_differs" ("ok" counts the keys' own expiries). Fields without one in the snapshot are
-    not looked up: the restore wrote them into a deleted (or new) key, so they have none."""
+class _StateCheck:
+    """What the digest leaves out besides the keys' own expiries, looked up on the target:
+    - the expiries of the hash fields that have one in the snapshot ("fx"; HPEXPIRETIME), held
+      to ttl_problem's rules: a key with such a problem counts in "ttl_differs" ("ok" counts
+      the keys' own expiries). Fields without one are not looked up: the restore wrote them
+      into a deleted (or new) key, so they have none;
+    - streams' counters ("sx"; XINFO STREAM and GROUPS): "counters_differ"."""
 
-    def __init__(self, client, details: dict, report: _Report):
+    def __init__(self, client, details: dict, report: _Report, fields: bool, streams: bool):
         self.client, self.details, self.report = client, details, report
-        self.batch: list[tuple[bytes, list]] = []
+        self.fields, self.streams = fields, streams
+        self.hashes: list[tuple[bytes, list]] = []
+        self.counted: list[tuple[bytes, list]] = []
 
     def tap(self, records: Iterable[bytes]) -> Iterator[bytes]:
         for record in records:
@@ -229,22 +237,32 @@ class _FieldCheck:
         self._check()
 
     def _add(self, record: bytes) -> None:
-        self.batch.extend(fields_to_check((record,)))
-        if len(self.batch) >= BATCH:
+        if self.fields:
+            self.hashes.extend(fields_to_check((record,)))
+        if self.streams and (sx := stream_counters(record)) is not None:
+            self.counted.append((record_key(record), sx))
+        if len(self.hashes) + len(self.counted) >= BATCH:
             self._check()
 
     def _check(self) -> None:
-        if not self.batch:
-            return
-        now = server_time_ms(self.client)
-        for (key, fx), actual in zip(self.batch, field_expiries_on(self.client, self.batch)):
-            for (name, snap_x), found in zip(fx, actual):
-                problem = ("the field is gone" if found == -2 else
-                           ttl_problem(self.details, snap_x, None if found < 0 else found, now))
-                if problem is not None:
-                    self.report.add("ttl_differs", key, f"field {display_key(dec_bytes(name))}: {problem}")
-                    break
-        self.batch.clear()
+        if self.hashes:
+            now = server_time_ms(self.client)
+            for (key, fx), actual in zip(self.hashes, field_expiries_on(self.client, self.hashes)):
+                for (name, snap_x), found in zip(fx, actual):
+                    problem = ("the field is gone" if found == -2 else
+                               ttl_problem(self.details, snap_x, None if found < 0 else found, now))
+                    if problem is not None:
+                        self.report.add("ttl_differs", key, f"field {display_key(dec_bytes(name))}: {problem}")
+                        break
+        if self.counted:
+            replies = raise_first_error(execute_many(self.client, [
+                c for key, _ in self.counted for c in (("XINFO", "STREAM", key), ("XINFO", "GROUPS", key))]))
+            for i, (key, sx) in enumerate(self.counted):
+                found = counters_value(replies[2 * i], replies[2 * i + 1])
+                if found != sx:
+                    self.report.add("counters_differ", key, f"snapshot {sx}, target {found}")
+        self.hashes.clear()
+        self.counted.clear()
 
 
 def _logs_differ(details: dict, wrote: ExpiryLog, read: ExpiryLog, now_ms: int) -> bool:

@@ -9,7 +9,7 @@ import redis
 
 import backup.sources.redis as redis_source
 from backup.sources.redis_reader import KeyReader
-from backup.sources.redis_records import FORMAT, FORMAT_V1, record_key
+from backup.sources.redis_records import FORMAT, FORMAT_V1, canonical, record_key
 from restore.targets.redis import RedisTarget
 from tests.integration.redis_helpers import assert_same_state, backup, fill, run_restore, stream_groups, typed_dump
 from tests.integration.test_redis_store import repo, small_parts  # noqa: F401  (the Redis tests' fixtures)
@@ -87,3 +87,57 @@ def test_v1_snapshots_restore_and_verify_in_v1_form(redis_url, fresh_redis_url, 
     assert expected == got == (item.records, item.digest)
     t = redis.Redis.from_url(target_url, protocol=2)
     assert t.xinfo_groups("stream:big")[0]["consumers"] == 0 and t.xinfo_groups("stream:big")[0]["pending"] == 0
+
+
+def _counters(url: str, key: str) -> tuple:
+    c = redis.Redis.from_url(url, protocol=2)
+    info = c.xinfo_stream(key)
+    groups = [(g["name"], g["entries-read"], g["lag"]) for g in c.xinfo_groups(key)]
+    return info["entries-added"], info["max-deleted-entry-id"], sorted(groups)
+
+
+def test_stream_counters_come_back_so_consumer_lag_is_the_same(redis_url, fresh_redis_url, redis6_server, repo):
+    """Redis 7 keeps entries-added, max-deleted-entry-id and each group's entries-read, from
+    which XINFO GROUPS computes lag; XSETID and XGROUP CREATE take them back. A 6.2 target has
+    none: the same snapshot restores there without them."""
+    c = redis.Redis.from_url(redis_url)
+    for i in range(10):
+        c.xadd("jobs", {"n": str(i)}, id=f"{i + 1}-0")
+    c.xgroup_create("jobs", "workers", id="0")
+    c.xreadgroup("workers", "w1", {"jobs": ">"}, count=4)  # entries-read 4, lag 6
+    c.xgroup_create("jobs", "audit", id="$")                # entries-read unknown (null) on 7.0
+    c.xadd("trimmed", {"a": "1"}, id="1-0")
+    c.xadd("trimmed", {"a": "2"}, id="2-0")
+    c.xdel("trimmed", "2-0")                                # max-deleted-entry-id 2-0, entries-added 2
+    c.set("other", "x")
+    manifest, _ = backup(repo, redis_url)
+    assert manifest.source_info["stream_counters"] == 2
+    jobs = [r for r in repo.iter_records(manifest.items[0]) if record_key(r) == b"jobs"]
+    assert len(jobs) == 2  # entries and groups, then the pending part: the counters go with part 0
+    assert jobs[0].endswith(b',"x":null,"sx":[10,"0-0",[["audit",null],["workers",4]]]}\n')  # 7.0: "$" reads null
+    assert b'"sx"' not in jobs[1] and b'"sx"' not in canonical(jobs[0])
+
+    target_url = fresh_redis_url()
+    target = RedisTarget(target_url)
+    try:
+        [(plan, expected, got)] = run_restore(target, repo, manifest)
+        assert expected == got
+        for key in ("jobs", "trimmed"):
+            assert _counters(target_url, key) == _counters(redis_url, key)
+        records = list(repo.iter_records(plan.item))
+        assert target.verify_ttls(plan, iter(records))["passed"]
+        redis.Redis.from_url(target_url).execute_command("XSETID", "jobs", "10-0", "ENTRIESADDED", 12)
+        report = target.verify_ttls(plan, iter(records))
+    finally:
+        target.close()
+    assert not report["passed"] and report["counters_differ"]["count"] == 1
+    assert report["counters_differ"]["examples"][0]["key"] == "jobs"
+
+    old_url = fresh_redis_url(redis6_server)
+    old = RedisTarget(old_url)
+    try:
+        [(plan, expected, got)] = run_restore(old, repo, manifest)
+        assert expected == got and old.verify_ttls(plan, repo.iter_records(plan.item))["passed"]
+    finally:
+        old.close()
+    assert redis.Redis.from_url(old_url).xlen("jobs") == 10

@@ -5,9 +5,8 @@ import orjson
 import pytest
 
 from backup.sources.redis_keys import selector_may_match, sorted_minus, sorted_unique
-from backup.sources.redis_reader import _json_bodies, _json_strings
-from backup.sources.redis_records import (canonical, encode_record, field_expiries, record_expiry, record_head,
-                                          record_key, zset_value)
+from backup.sources.redis_records import (canonical, encode_record, field_expiries, json_bodies, json_strings,
+                                          record_expiry, record_head, record_key, zset_value)
 
 
 @pytest.mark.parametrize("key", [b"plain", b'q"uo\\te","t":"x', "ünï".encode(), b"\xff\x00bin", b""])
@@ -116,10 +115,10 @@ def test_selector_may_match_prunes_items_that_cannot_hold_the_selection(selector
 ])
 def test_json_strings_equals_one_dumps_per_text(texts):
     expected = [orjson.dumps(t)[1:-1] for t in texts]
-    assert _json_strings(texts) == expected
-    assert _json_bodies([t.encode() for t in texts]) == expected  # from bytes: the ASCII path or orjson's
+    assert json_strings(texts) == expected
+    assert json_bodies([t.encode() for t in texts]) == expected  # from bytes: the ASCII path or orjson's
 
 
 def test_json_bodies_refuses_what_is_not_utf8():
     with pytest.raises(UnicodeDecodeError):
-        _json_bodies([b"ok", b"\xff"])
+        json_bodies([b"ok", b"\xff"])
