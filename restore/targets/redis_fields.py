@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 
 import orjson
 
-from backup.sources.redis_records import _FX, dec, dec_bytes, encode_record, field_expiries
+from backup.sources.redis_client import execute_many, raise_first_error
+from backup.sources.redis_records import _FX, dec, dec_bytes, encode_record, field_expiries, record_key
 
 _PART = b',"p":'
 _HASH = b'"t":"hash"'
@@ -99,12 +100,10 @@ def fields_to_check(records: Iterable[bytes]) -> Iterator[tuple[bytes, list]]:
     """(key, [[field, ms], ...]) of each hash record with field expiries."""
     for record in records:
         if _FX in record and (fx := field_expiries(record)) is not None:
-            yield dec_bytes(orjson.loads(record)["k"]), fx
+            yield record_key(record), fx
 
 
 def field_expiries_on(client, batch: list[tuple[bytes, list]]) -> list[list[int]]:
     """Each (key, fx)'s fields' HPEXPIRETIME on the server (-1 none, -2 no such field)."""
-    from backup.sources.redis_client import execute_many, raise_first_error
-
     return raise_first_error(execute_many(client, [
         ("HPEXPIRETIME", key, "FIELDS", len(fx), *(dec(f) for f, _ in fx)) for key, fx in batch]))
