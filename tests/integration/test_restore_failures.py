@@ -152,15 +152,16 @@ def test_redis_write_the_server_refuses_fails_the_restore_and_is_undone(redis_ur
 
     _keyspace(redis.Redis.from_url(redis_url), 2000)
     manifest, _ = backup(repo, redis_url, patterns=["history:*", "*"], source="history")
-    real_pack, calls = redis_target._pack, []
+    real_execute, calls = redis_target._KeyWriter._execute, []
 
-    def pack(commands):
-        calls.append(1)
-        if len(calls) == 1:  # the first write batch: one command the server refuses
-            commands = [*commands[:-1], ("SET", "history:bad", "v", "NOSUCHOPTION")]
-        return real_pack(commands)
+    def execute(self, commands):
+        if commands:
+            calls.append(1)
+            if len(calls) == 1:  # the first write batch: one command the server refuses
+                commands[-1] = redis_target._pack([("SET", "history:bad", "v", "NOSUCHOPTION")])
+        return real_execute(self, commands)
 
-    monkeypatch.setattr(redis_target, "_pack", pack)
+    monkeypatch.setattr(redis_target._KeyWriter, "_execute", execute)
     target = fresh_redis_url()
     with pytest.raises(StatevaultError) as caught:
         restore_snapshot(repo, _settings(redis_url), "history", manifest.id, to_url=target)
