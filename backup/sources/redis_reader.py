@@ -389,10 +389,13 @@ class KeyReader:
             times = [known.get(f, -2) for f, _ in rows]
         else:  # scanned in several pages, or re-read: one request per PART_SIZE fields
             n = self.part
-            replies = raise_first_error(execute_many(self.client, [
+            replies = execute_many(self.client, [
                 ("HPEXPIRETIME", key, "FIELDS", len(rows[i:i + n]), *(f for f, _ in rows[i:i + n]))
-                for i in range(0, len(rows), n)]))
-            times = [t for reply in replies for t in reply]
+                for i in range(0, len(rows), n)])
+            times = []
+            for i, reply in zip(range(0, len(rows), n), replies):
+                # an error (the key is no hash any more): the values read stand, without field TTLs
+                times += [-1] * len(rows[i:i + n]) if isinstance(reply, Exception) else reply
         if -2 in times:
             kept = [(row, t) for row, t in zip(rows, times) if t != -2]
             rows, times = [r for r, _ in kept], [t for _, t in kept]
