@@ -174,3 +174,23 @@ def test_a_server_without_field_ttls_costs_no_field_lookups(redis_server, fresh_
     manifest, _ = backup(repo, url)
     assert "hash_field_ttls" not in manifest.source_info
     assert manifest.items[0].format == FORMAT and manifest.records == 1
+
+
+def test_a_hash_scanned_in_several_pages_keeps_its_field_ttls(valkey_server, fresh_redis_url, file_repo_url,
+                                                              small_parts):
+    """Past 512 fields (Valkey 9) a hash is a hashtable, and HSCAN (COUNT = part size, 4 here) pages
+    through it: its field expiries are asked for on their own, a part's worth at a time."""
+    src_url, dst_url = fresh_redis_url(valkey_server), fresh_redis_url(valkey_server)
+    c = redis.Redis.from_url(src_url)
+    c.hset("big", mapping={f"f{i:03d}": str(i) for i in range(700)})
+    for i in range(0, 700, 97):
+        c.execute_command("HPEXPIRE", "big", (i + 10) * 60_000, "FIELDS", 1, f"f{i:03d}")  # past the cutoff
+    repo = open_repository(file_repo_url, create=True, config=SMALL_CHUNKS)
+    manifest, _ = backup(repo, src_url)
+    assert manifest.source_info["hash_field_ttls"] == 1
+    stored = [pair for r in repo.iter_records(manifest.items[0]) for pair in field_expiries(r) or ()]
+    fields = [f"f{i:03d}" for i in range(0, 700, 97)]
+    assert [f for f, _ in stored] == fields
+    assert [t for _, t in stored] == c.execute_command("HPEXPIRETIME", "big", "FIELDS", len(fields), *fields)
+    assert restore_snapshot(repo, _settings(src_url), "agents", manifest.id, to_url=dst_url).ok
+    assert _field_times(redis.Redis.from_url(dst_url), "big", fields) == _field_times(c, "big", fields)
