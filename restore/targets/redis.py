@@ -32,7 +32,10 @@ TTLs (`RestoreOptions.ttl`)
   Nothing is skipped; a key whose TTL is shorter than restore + verification can expire before
   read-back and then shows as missing (diff labels it "expired").
 - none: no expiry.
-Hash fields with their own TTL (v3 "fx") follow the same mode: restore/targets/redis_fields.py.
+A string key is one command with its expiry folded in (SET ... PXAT / PX, Redis 6.2+), the
+other types PEXPIREAT / PEXPIRE after their values. Hash fields with their own TTL (v3 "fx")
+follow the same mode: restore/targets/redis_fields.py. Stream counters (v3 "sx") are restored
+on Redis 7+ / Valkey (XSETID ... ENTRIESADDED, XGROUP CREATE ... ENTRIESREAD).
 
 `verify_ttls` and `diff` (restore/targets/redis_verify.py) check expiries and classify
 differences; the digest (canonical records, without "x") never covers TTLs.
