@@ -154,21 +154,23 @@ def record_expiry(record: bytes) -> int | None:
     return None if raw == b"null" else int(raw)
 
 
+def _after_expiry(record: bytes, tag: bytes) -> list | None:
+    """The value of the field `tag` (`,"fx":` or `,"sx":`) that follows "x", or None."""
+    i = record.rfind(tag)
+    if i < 0 or i < record.rfind(_X):
+        return None
+    return orjson.loads(record[i + len(tag):record.rindex(b"}")])
+
+
 def stream_counters(record: bytes) -> list | None:
     """A stream record's "sx" ([entries-added, max-deleted-id, [[group, entries-read], ...]]),
     None without it."""
-    i = record.rfind(_SX)
-    if i < 0 or i < record.rfind(_X):
-        return None
-    return orjson.loads(record[i + len(_SX):record.rindex(b"}")])
+    return _after_expiry(record, _SX)
 
 
 def field_expiries(record: bytes) -> list | None:
     """A hash record's "fx" ([[field, ms], ...], fields as in the record), None without it."""
-    i = record.rfind(_FX)
-    if i < 0 or i < record.rfind(_X):
-        return None
-    return orjson.loads(record[i + len(_FX):record.rindex(b"}")])
+    return _after_expiry(record, _FX)
 
 
 def record_key(record: bytes) -> bytes:
