@@ -88,6 +88,7 @@ TYPES = ("string", "list", "hash", "set", "zset", "stream")
 PART_SIZE = 10_000
 
 _X = b',"x":'
+_P = b',"p":'
 _FX = b',"fx":'
 _SX = b',"sx":'
 _K_STR = b'{"k":"'
@@ -193,16 +194,22 @@ def record_key(record: bytes) -> bytes:
     return dec_bytes(orjson.loads(record)["k"])
 
 
+def record_part(record: bytes) -> int | None:
+    """The record's "p", None for a key in one record (the first `,"p":` is the top-level one:
+    quotes inside strings are escaped)."""
+    j = record.find(_P)
+    if j < 0:
+        return None
+    j += len(_P)
+    return int(record[j:record.find(b",", j)])
+
+
 def record_head(record: bytes) -> tuple[bytes, str, int | None, int | None]:
     """(key, type, part or None, expiry) without parsing the value. The first `"t":"` is the
     top-level one: its middle quote follows a `t`, so it is not inside a string."""
     i = record.find(b'"t":"') + 5
     j = record.find(b'"', i)
-    part = None
-    if record.startswith(b',"p":', j + 1):
-        k = record.find(b",", j + 6)
-        part = int(record[j + 6:k])
-    return record_key(record), record[i:j].decode(), part, record_expiry(record)
+    return record_key(record), record[i:j].decode(), record_part(record), record_expiry(record)
 
 
 def display_key(key: bytes) -> str:

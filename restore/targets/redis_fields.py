@@ -19,9 +19,8 @@ from typing import Iterable, Iterator
 import orjson
 
 from backup.sources.redis_client import execute_many, raise_first_error
-from backup.sources.redis_records import _FX, dec, dec_bytes, encode_record, field_expiries, record_key
+from backup.sources.redis_records import _FX, dec, dec_bytes, encode_record, field_expiries, record_key, record_part
 
-_PART = b',"p":'
 _HASH = b'"t":"hash"'
 
 
@@ -52,8 +51,9 @@ class ExpiredFieldCut:
     def __call__(self, records: Iterable[bytes]) -> Iterator[bytes]:
         held: list[bytes] = []  # the parts of a split hash, until its last one
         for record in records:
-            hash_part = _PART in record and _HASH in record  # both only ever structural
-            if held and not (hash_part and not record.startswith(b"0,", record.find(_PART) + len(_PART))):
+            part = record_part(record)
+            hash_part = part is not None and _HASH in record  # `"t":"hash"` is only ever structural
+            if held and not (hash_part and part):
                 yield from self._cut(held)  # the held hash ended: this is another key
                 held = []
             if hash_part:

@@ -36,7 +36,7 @@ import numpy as np
 
 from backup.sources.redis_client import execute_many, server_time_ms
 from backup.sources.redis_records import (canonical, counters_value, dec_bytes, display_key, record_expiry, record_head,
-                                          record_key, stream_counters)
+                                          record_key, record_part, stream_counters)
 from restore.targets.base import ItemPlan, RestoreOptions
 from restore.targets.redis_fields import field_cut, field_expiries_on, fields_to_check
 
@@ -121,8 +121,7 @@ class ExpiryLog:
     def add(self, records: Iterable[bytes]) -> None:
         buf = self._buf
         for record in records:
-            j = record.find(b',"p":')  # only the top-level field: quotes in strings are escaped
-            if j < 0 or record.startswith(b'0,', j + 5):
+            if record_part(record) in (None, 0):
                 x = record_expiry(record)
                 buf.append(-1 if x is None else x)
         if len(buf) >= self.BLOCK:
