@@ -98,7 +98,6 @@ class RedisTarget:
         self._client = None
         self._info = None
         self._created: list[tuple[ItemPlan, NameSorter]] = []  # mode new: the keys each restore wrote
-        self._cuts: dict[int, ExpiredFieldCut] = {}  # id(plan) -> its written_records transform
 
     def connection(self):
         """(client, ServerInfo), connecting on first use."""
@@ -195,11 +194,8 @@ class RedisTarget:
     def written_records(self, plan: ItemPlan, options: RestoreOptions) -> ExpiredFieldCut | None:
         """A transform of the records `restore` is given and the digest covers (after
         plan.record_filter, before written_filter); None: none. --ttl keep drops the hash
-        fields expiring before the cutoff (redis_fields.py); `restore` reports how many."""
-        cut = field_cut(plan, options.ttl)
-        if cut is not None:
-            self._cuts[id(plan)] = cut
-        return cut
+        fields expiring before the cutoff (redis_fields.py), and notes how many in the plan."""
+        return field_cut(plan, options.ttl, report=True)
 
     def scope(self, plan: ItemPlan) -> Scope:
         d = plan.details
@@ -230,12 +226,6 @@ class RedisTarget:
         if writer.skipped:
             plan.notes.append(f"{writer.skipped} key(s) not restored: they expire before "
                               f"{d['expiry_cutoff_ms']} (ms) under --ttl keep")
-        cut = self._cuts.pop(id(plan), None)
-        if cut is not None and cut.fields:
-            d.update(expired_fields=cut.fields, expired_field_keys=cut.keys)
-            plan.notes.append(f"{cut.fields} hash field(s) not restored: they expire before "
-                              f"{d['expiry_cutoff_ms']} (ms) under --ttl keep"
-                              + (f" ({cut.keys} hash(es) had no other field)" if cut.keys else ""))
 
     def _delete_extras(self, client, plan: ItemPlan, written: NameSorter) -> int:
         """UNLINK scope keys the snapshot does not hold (both name streams sorted)."""

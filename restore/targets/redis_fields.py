@@ -41,10 +41,11 @@ class ExpiredFieldCut:
     """--ttl keep: the records without the hash fields that expire at or before `cutoff_ms`
     (see the module docstring), re-encoded as the target's read-back will encode the hash:
     a split hash is gathered whole (one key's fields, as the backup held them) and split again
-    into parts of `part_size` fields. Records of other keys pass unchanged."""
+    into parts of `part_size` fields. Records of other keys pass unchanged. With `plan`, what
+    was left out goes into its details and notes once the records are through."""
 
-    def __init__(self, cutoff_ms: int, part_size: int):
-        self.cutoff, self.part = cutoff_ms, part_size
+    def __init__(self, cutoff_ms: int, part_size: int, plan=None):
+        self.cutoff, self.part, self.plan = cutoff_ms, part_size, plan
         self.fields = 0  # fields not written
         self.keys = 0    # hashes not written at all (every field expired)
 
@@ -64,6 +65,11 @@ class ExpiredFieldCut:
                 yield record
         if held:
             yield from self._cut(held)
+        if self.plan is not None and self.fields:
+            self.plan.details.update(expired_fields=self.fields, expired_field_keys=self.keys)
+            self.plan.notes.append(f"{self.fields} hash field(s) not restored: they expire before "
+                                   f"{self.cutoff} (ms) under --ttl keep"
+                                   + (f" ({self.keys} hash(es) had no other field)" if self.keys else ""))
 
     def _cut(self, parts: list[bytes]) -> list[bytes]:
         """One hash key's records, without its expired fields."""
@@ -89,11 +95,12 @@ class ExpiredFieldCut:
                 for p, piece in enumerate(pieces)]
 
 
-def field_cut(plan, ttl: str) -> ExpiredFieldCut | None:
-    """The ExpiredFieldCut a restore of `plan` applies under `ttl`, or None."""
+def field_cut(plan, ttl: str, *, report: bool = False) -> ExpiredFieldCut | None:
+    """The ExpiredFieldCut a restore of `plan` applies under `ttl`, or None; with `report`,
+    the one the restore itself runs (it reports into the plan)."""
     if ttl != "keep" or not plan.details.get("field_ttls"):
         return None
-    return ExpiredFieldCut(plan.details["expiry_cutoff_ms"], plan.details["part_size"])
+    return ExpiredFieldCut(plan.details["expiry_cutoff_ms"], plan.details["part_size"], plan if report else None)
 
 
 def fields_to_check(records: Iterable[bytes]) -> Iterator[tuple[bytes, list]]:
