@@ -127,6 +127,13 @@ def keys_with_field_ttls(client, db: int) -> int:
     return 0
 
 
+def bulk(arg: bytes | str | int) -> bytes:
+    """One RESP bulk string (`$len\\r\\n...\\r\\n`): to pack a known command without `_pack`'s
+    loop over arguments."""
+    a = arg if arg.__class__ is bytes else str(arg).encode()
+    return b"$%d\r\n%b\r\n" % (len(a), a)
+
+
 def _pack(commands: Iterable[tuple]) -> bytes:
     out: list[bytes] = []
     append = out.append

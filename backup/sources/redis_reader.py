@@ -32,7 +32,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import orjson
 
-from backup.sources.redis_client import ServerInfo, ReplyPipe, _pack, execute_many, execute_packed, raise_first_error
+from backup.sources.redis_client import (ServerInfo, ReplyPipe, _pack, bulk, execute_many, execute_packed,
+                                         raise_first_error)
 from backup.sources.redis_records import (PART_SIZE, TYPES, counters_value, encode_record, enc, field_expiry_pairs,
                                           flat_to_dict, json_bodies, list_value, pairs_value, pending_value,
                                           stream_entries, stream_groups, zset_value)
@@ -65,11 +66,6 @@ _TIME = b"*1\r\n$4\r\nTIME\r\n"
 _STRING = b"string"
 _COLLECTIONS = frozenset(t.encode() for t in TYPES if t != "string")
 _NULL_TAIL = b',"x":null}\n'
-
-
-def _bulk(arg: bytes | str | int) -> bytes:
-    a = arg if arg.__class__ is bytes else str(arg).encode()
-    return b"$%d\r\n%b\r\n" % (len(a), a)
 
 
 def _bulks(keys: list[bytes]) -> list[bytes]:
@@ -105,10 +101,10 @@ class KeyReader:
         n = self.part
         # (prefix, suffix) around a collection key's bulk string: its one fetch command
         self._fetch = {
-            b"list": (b"*4\r\n" + _bulk("LRANGE"), _bulk(0) + _bulk(n)),
-            b"zset": (b"*5\r\n" + _bulk("ZRANGE"), _bulk(0) + _bulk(n) + _bulk("WITHSCORES")),
-            b"hash": (b"*5\r\n" + _bulk("HSCAN"), _bulk(0) + _bulk("COUNT") + _bulk(n)),
-            b"set": (b"*5\r\n" + _bulk("SSCAN"), _bulk(0) + _bulk("COUNT") + _bulk(n)),
+            b"list": (b"*4\r\n" + bulk("LRANGE"), bulk(0) + bulk(n)),
+            b"zset": (b"*5\r\n" + bulk("ZRANGE"), bulk(0) + bulk(n) + bulk("WITHSCORES")),
+            b"hash": (b"*5\r\n" + bulk("HSCAN"), bulk(0) + bulk("COUNT") + bulk(n)),
+            b"set": (b"*5\r\n" + bulk("SSCAN"), bulk(0) + bulk("COUNT") + bulk(n)),
         }
 
     def read(self, keys: Iterable[bytes]) -> Iterator[Record]:
@@ -231,11 +227,11 @@ class KeyReader:
         parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(strings) + 1), *strings] if strings else []
         plan: list[tuple[str, int]] = []
         count = 1 if strings else 0
-        for key, bulk, kind in zip(keys, bulks, kinds):
+        for key, key_bulk, kind in zip(keys, bulks, kinds):
             if kind in _COLLECTIONS:
                 fetch = self._fetch.get(kind)
                 if fetch is not None:
-                    parts += (fetch[0], bulk, fetch[1])
+                    parts += (fetch[0], key_bulk, fetch[1])
                     n = 1
                 else:  # stream
                     n = self.part

@@ -46,7 +46,7 @@ import orjson
 from typing import Callable, Iterator
 
 from backup.sources.redis import KeyReader, read_scope
-from backup.sources.redis_client import (ReplyPipe, _pack, connect, execute_many, raise_first_error, redis_errors,
+from backup.sources.redis_client import (ReplyPipe, _pack, bulk, connect, execute_many, raise_first_error, redis_errors,
                                          server_info, server_time_ms)
 from backup.sources.redis_keys import KeyMatcher, NameSorter, Scope, selector_may_match, sorted_minus
 from backup.sources.redis_records import (FORMAT_V1, FORMATS, PART_SIZE, canonical, dec, dec_bytes, display_key,
@@ -63,6 +63,7 @@ EXAMPLES = 10
 _MAX_ARGS = 200_000          # flush a pipeline past this many elements, whatever the key count
 _TMP_GROUP = b"__statevault_tmp__"
 _MULTI, _EXEC = _pack([("MULTI",)]), _pack([("EXEC",)])
+_PXAT, _PX = bulk("PXAT"), bulk("PX")
 
 
 class KeyFilter:
@@ -387,12 +388,10 @@ class _KeyWriter:
 
     def _set(self, key: bytes, value: bytes, x: int | None) -> bytes:
         """SET key value [PXAT x | PX ttl], packed (no per-argument loop)."""
-        head = b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(value), value)
         if x is None or self.ttl == "none":
-            return b"*3\r\n$3\r\nSET\r\n" + head
-        opt, n = (b"PXAT", x) if self.ttl == "keep" else (b"PX", max(1, x - self.cut_ms))
-        digits = b"%d" % n
-        return b"*5\r\n$3\r\nSET\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (head, len(opt), opt, len(digits), digits)
+            return b"*3\r\n$3\r\nSET\r\n" + bulk(key) + bulk(value)
+        opt, n = (_PXAT, x) if self.ttl == "keep" else (_PX, max(1, x - self.cut_ms))
+        return b"".join((b"*5\r\n$3\r\nSET\r\n", bulk(key), bulk(value), opt, bulk(n)))
 
     def _execute(self, commands: list[bytes]) -> None:
         if not commands:
