@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import orjson
 
 from backup.sources.redis_client import execute_many, raise_first_error
-from backup.sources.redis_records import _FX, dec, dec_bytes, encode_record, field_expiries, record_key, record_part
+from backup.sources.redis_records import _FX, dec, dec_bytes, encode_record, field_expiries, record_part
 
 _HASH = b'"t":"hash"'
 
@@ -101,13 +101,6 @@ def field_cut(plan, ttl: str, *, report: bool = False) -> ExpiredFieldCut | None
     if ttl != "keep" or not plan.details.get("field_ttls"):
         return None
     return ExpiredFieldCut(plan.details["expiry_cutoff_ms"], plan.details["part_size"], plan if report else None)
-
-
-def fields_to_check(records: Iterable[bytes]) -> Iterator[tuple[bytes, list]]:
-    """(key, [[field, ms], ...]) of each hash record with field expiries."""
-    for record in records:
-        if _FX in record and (fx := field_expiries(record)) is not None:
-            yield record_key(record), fx
 
 
 def field_expiries_on(client, batch: list[tuple[bytes, list]]) -> list[list[int]]:

@@ -35,10 +35,10 @@ import blake3
 import numpy as np
 
 from backup.sources.redis_client import execute_many, server_time_ms
-from backup.sources.redis_records import (canonical, counters_value, dec_bytes, display_key, record_expiry, record_head,
-                                          record_key, record_part, stream_counters)
+from backup.sources.redis_records import (canonical, counters_value, dec_bytes, display_key, field_expiries,
+                                          record_expiry, record_head, record_key, record_part, stream_counters)
 from restore.targets.base import ItemPlan, RestoreOptions
-from restore.targets.redis_fields import field_cut, field_expiries_on, fields_to_check
+from restore.targets.redis_fields import field_cut, field_expiries_on
 
 TOLERANCE_MS = 2000
 EXAMPLES = 20
@@ -236,8 +236,8 @@ class _StateCheck:
         self._check()
 
     def _add(self, record: bytes) -> None:
-        if self.fields:
-            self.hashes.extend(fields_to_check((record,)))
+        if self.fields and (fx := field_expiries(record)) is not None:
+            self.hashes.append((record_key(record), fx))
         if self.streams and (sx := stream_counters(record)) is not None:
             self.counted.append((record_key(record), sx))
         if len(self.hashes) + len(self.counted) >= BATCH:
