@@ -21,6 +21,7 @@ from snapshots.manifest import FORMAT_VERSION, Item, Manifest, RepoConfig, is_sn
 from snapshots.retries import retry_call
 from snapshots.settings import RepositorySettings, redact_url
 from snapshots.stores.base import ObjectStore, open_store
+from snapshots.threads import read_ahead_pool
 from snapshots.writer import SnapshotWriter
 
 T = TypeVar("T")
@@ -153,7 +154,7 @@ class Repository:
     def iter_chunks(self, item: Item) -> Iterator[bytes]:
         """Each chunk of an item in order, read ahead by a few chunks in parallel."""
         ids = [c.id for c in item.chunks]
-        with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+        with read_ahead_pool(READ_AHEAD, "read-chunk") as pool:
             pending = [pool.submit(self.read_chunk, cid) for cid in ids[:READ_AHEAD]]
             nxt = len(pending)
             while pending:

@@ -26,13 +26,14 @@ and callers scroll when they are not (a gRPC client, a client version that moved
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Iterator
 from urllib.parse import quote, urljoin
 
 import orjson
 
 from backup.sources.qdrant_local import LocalPoint
+from snapshots.threads import read_ahead_pool
 
 _SCROLL = "collections/{}/points/scroll"
 _POINTS = "collections/{}/points"
@@ -116,7 +117,7 @@ def iter_rest_pages(api: Any, name: str, page_size: int) -> Iterator[list[LocalP
         sent.wait(_SEND_WAIT)
         return future
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-scroll") as pool:
+    with read_ahead_pool(1, "qdrant-scroll") as pool:
         ahead = ask(None)
         try:
             while True:

@@ -394,3 +394,34 @@ def test_stored_chunks_are_freed_as_they_are_stored(file_repo_url):
     data = sum(map(len, rows))
     assert len(manifest.items[0].chunks) > 100 and writer.stats.chunks_new == len(manifest.items[0].chunks)
     assert held < data / 4, f"{held} bytes still held after storing {data} bytes of chunks"
+
+
+def test_an_unfinished_read_does_not_wait_for_its_read_ahead(repo, monkeypatch):
+    """A reader that stops early (a failed restore) leaves its generator to the garbage
+    collector, which may close it in any thread: closing must never join a read in progress
+    (snapshots.threads.read_ahead_pool)."""
+    manifest, _ = write(repo, "memory", {"public.memories": memory_rows(3000)})
+    item = manifest.item("public.memories")
+    assert len(item.chunks) > 5
+    release, started = threading.Event(), threading.Event()
+    real = repo.read_chunk
+
+    def slow(cid):
+        if cid != item.chunks[0].id:
+            started.set()
+            release.wait(30)
+        return real(cid)
+
+    monkeypatch.setattr(repo, "read_chunk", slow)
+    chunks = repo.iter_chunks(item)
+    try:
+        assert next(chunks)
+        assert started.wait(10)  # the read-ahead is blocked in a read
+        t0 = time.monotonic()
+        chunks.close()
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+    # read to its end, it waits for its pool as before: every chunk, in order
+    monkeypatch.setattr(repo, "read_chunk", real)
+    assert b"".join(repo.iter_chunks(item)) == b"".join(memory_rows(3000))
