@@ -27,7 +27,11 @@ extensions and shared sequences that did not exist before them; live.Created):
   then constraints and indexes (faster after the load), OWNED BY, setval, then comments,
   row-level security, policies, replica identity and triggers (after the load: they must not
   fire for restored rows). A trigger whose function or a policy whose roles are missing is
-  skipped with a note.
+  skipped with a note. A big table (postgres_load.MIN_BYTES of records) is built as a swap
+  builds it, in a staging schema committed before the load, so that postgres_load.PARTS
+  connections can COPY into it at once; the transaction that completes it also moves it into
+  place. Readers see it whole or not at all, as with one transaction; a failure drops the
+  staging schema, and `undo` what was created for the table.
 - load / truncate: LOCK the live table, detach the foreign keys touching it, (TRUNCATE),
   switch its enabled triggers off, COPY, switch them back to their exact state, set its
   sequences, re-attach the keys NOT VALID. The live definition (indexes, constraints,
@@ -56,24 +60,26 @@ ORDER BY as the backup, so equal data gives equal bytes; `record_key` is the ord
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any, Iterator
 
 from psycopg import sql
 
-from backup.sources.postgres_schema import (FORMAT, SCHEMA_VERSION, bytewise_columns, connect,
-                                            copy_out_rows, copy_out_sql, describe_columns, find_table, key_reader, pg_errors,
-                                            resolve_table_name)
+from backup.sources.postgres_schema import (bytewise_columns, connect, copy_out_rows, copy_out_sql,
+                                            describe_columns, find_table, key_reader, pg_errors, resolve_table_name)
 from restore.targets import postgres_ddl as ddl
 from restore.targets import postgres_live as live
+from restore.targets import postgres_load as load
 from restore.targets.base import ItemPlan, Mode, RestoreOptions
 from restore.targets.postgres_parallel import parallel_reads
+from restore.targets.postgres_plan import check_item, plan_item, select_items
 from restore.targets.postgres_swap import Staging
-from snapshots.errors import (IncompatibleTargetError, NotFoundError, SourceError, TargetNotEmptyError, UsageError)
+from snapshots.errors import NotFoundError, SourceError, StatevaultError, TargetNotEmptyError, UsageError
 from snapshots.manifest import Item, Manifest
 from snapshots.settings import redact_url
 
-_BATCH_BYTES = 1 << 20
+log = logging.getLogger("statevault.restore.postgres")
 
 
 class PostgresTarget:
@@ -105,18 +111,18 @@ class PostgresTarget:
              ttl: str = "keep") -> list[ItemPlan]:
         if mode not in ("new", "replace", "swap"):
             raise UsageError(f"unknown restore mode {mode!r}: use new, replace or swap")
-        items = _select(manifest, only)
+        items = select_items(manifest, only)
         if into is not None and len(items) != 1:
             raise UsageError(f"--into renames one table; {len(items)} are selected (use --only)")
         targets = {}
         for item in items:
-            _check_item(item)
+            check_item(item)
             orig = item.schema["table"]
             targets[item.name] = resolve_table_name(into, orig["schema"]) if into else (orig["schema"], orig["name"])
         plans, not_empty = [], []
         with self._errors(f"plan the restore into {redact_url(self.url)}"):
             for item in items:
-                plan = self._plan_item(item, targets, mode, into is not None)
+                plan = plan_item(self.conn, item, targets, mode, into is not None)
                 if plan is None:
                     not_empty.append(".".join(targets[item.name]))
                 else:
@@ -126,90 +132,6 @@ class PostgresTarget:
                                       "missing or empty tables (choose --mode replace or swap, or --into)")
         return plans
 
-    def _plan_item(self, item: Item, targets: dict[str, tuple[str, str]], mode: Mode, renamed: bool
-                   ) -> ItemPlan | None:
-        spec = item.schema
-        schema, name = targets[item.name]
-        target = f"{schema}.{name}"
-        found = find_table(self.conn, schema, name)
-        notes: list[str] = []
-        live_records = None
-        # before anything reads the live table: with row_security off, even counting its rows fails
-        _refuse_row_security(target, live.row_security_problem(self.conn, spec, found[0] if found else None))
-        if found is None:
-            action, method = "create", "create"
-        else:
-            oid, relkind = found
-            if relkind != "r":
-                raise IncompatibleTargetError(f"{target} exists on the target and is not a plain table "
-                                              f"(relkind {relkind!r})")
-            inherits = self.conn.execute("SELECT relispartition OR relhassubclass OR EXISTS (SELECT 1 FROM "
-                                         "pg_catalog.pg_inherits WHERE inhrelid = %s) FROM pg_catalog.pg_class "
-                                         "WHERE oid = %s", (oid, oid)).fetchone()[0]
-            diffs = ddl.compatible(spec, describe_columns(self.conn, oid))
-            live_records = self.conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(
-                sql.Identifier(schema, name))).fetchone()[0]
-            if mode == "new":
-                if live_records:
-                    return None
-                if diffs:
-                    raise IncompatibleTargetError(f"{target} exists with other columns than snapshot item "
-                                                  f"{item.name}: {'; '.join(diffs)}; nothing was written")
-                action, method = "create", "load"
-            elif mode == "replace" and not diffs:
-                action, method = "replace", "truncate"
-            else:
-                action, method = ("swap", "stage") if mode == "swap" else ("replace", "recreate")
-                if inherits:
-                    raise IncompatibleTargetError(f"{target} is part of a partition or inheritance tree, which "
-                                                  f"{'a swap' if mode == 'swap' else 'recreating it'} would break",
-                                                  hint="Use --mode replace with the snapshot's columns, or --into.")
-                views = live.dependent_views(self.conn, oid)
-                if views:
-                    raise IncompatibleTargetError(f"{target} has dependent views ({', '.join(views)}) that "
-                                                  f"{'a swap' if mode == 'swap' else 'recreating it'} would drop",
-                                                  hint="Restore --into a new name, or drop and recreate the views.")
-                if diffs:
-                    notes.append(f"recreated with the snapshot's columns ({'; '.join(diffs)})")
-                notes.append("privileges, owner and publication memberships are carried over from the live "
-                             "table; triggers, policies, comments, storage options and replica identity come "
-                             "from the snapshot")
-        if method in ("recreate", "stage"):  # a new table, this role its owner
-            _refuse_row_security(target, live.row_security_problem(self.conn, spec, None))
-        enums, extensions, problems = live.check_types(self.conn, spec)
-        if problems:
-            raise IncompatibleTargetError(f"{target}: {'; '.join(problems)}; nothing was written")
-        restored = {(s, t) for s, t in targets.values()}
-        foreign_keys = []
-        if method in ("create", "recreate", "stage"):
-            for fk in spec["foreign_keys"]:
-                ref = fk["references"]
-                is_self = (ref["schema"], ref["name"]) == (spec["table"]["schema"], spec["table"]["name"])
-                if is_self or (not renamed and ((ref["schema"], ref["name"]) in restored
-                                                or find_table(self.conn, ref["schema"], ref["name"]))):
-                    foreign_keys.append(fk)
-                else:
-                    why = "restore --into" if renamed else f"{ref['schema']}.{ref['name']} does not exist"
-                    notes.append(f"foreign key {fk['name']} not recreated ({why})")
-        skip_triggers, skip_policies = [], []
-        if method in ("create", "recreate", "stage"):
-            skip_triggers, skip_policies, missing = live.missing_dependencies(self.conn, spec)
-            notes += missing
-        elif found is not None:
-            triggers, owner = live.live_triggers(self.conn, found[0])
-            names = ", ".join(n for n, _ in triggers)
-            if triggers and owner:
-                notes.append(f"live triggers {names} are switched off for the load and back on after it")
-            elif triggers:
-                notes.append(f"live triggers {names} fire for the restored rows: this role does not own "
-                             f"{target}, so it cannot switch them off (verification will show what they changed)")
-        details = {"schema": schema, "table": name, "method": method, "enums": enums, "extensions": extensions,
-                   "foreign_keys": foreign_keys, "live_oid": found[0] if found else None,
-                   "skip_triggers": skip_triggers, "skip_policies": skip_policies}
-        selector = [target] if action in ("replace", "swap") else []
-        return ItemPlan(item=item, target=target, action=action, live_records=live_records,
-                        backup_selector=selector, notes=notes, details=details)
-
     # ---- restore ------------------------------------------------------------------------
     def restore(self, plan: ItemPlan, records: Iterator[bytes], options: RestoreOptions) -> None:
         d = plan.details
@@ -217,18 +139,18 @@ class PostgresTarget:
         saved = (list(self._pending_fks), list(self._to_validate))
         try:
             with self._errors(f"restore {plan.item.name} into {plan.target}"):
-                if d["method"] == "stage":
-                    self._stage(plan, place, records, options)
-                    return
-                with self.conn.transaction():
-                    if d["method"] == "create":
-                        self._create(plan, place, records, options)
-                        self._pending_fks += [(plan, fk) for fk in d["foreign_keys"]]
-                    elif d["method"] == "recreate":
-                        self._recreate(plan, place, records, options)
-                    else:
-                        self._load_existing(plan, place, records, options)
+                if d["method"] == "stage" or (d["method"] == "create" and plan.item.bytes >= load.MIN_BYTES):
+                    self._build_staged(plan, place, records, options)  # a big new table loads in parallel
+                else:
+                    with self.conn.transaction():
+                        if d["method"] == "create":
+                            self._create(plan, place, records, options)
+                        elif d["method"] == "recreate":
+                            self._recreate(plan, place, records, options)
+                        else:
+                            self._load_existing(plan, place, records, options)
                 if d["method"] == "create":
+                    self._pending_fks += [(plan, fk) for fk in d["foreign_keys"]]
                     self._created.commit(plan)  # committed: `undo` drops it if a later item fails
         except BaseException:
             # rolled back: forget the constraint work queued for it
@@ -238,14 +160,24 @@ class PostgresTarget:
             self._created.forget_item()  # rolled back, staged, or a recreate of a live table: not undone
 
     def _create(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes], options: RestoreOptions) -> None:
+        self._create_table(plan, place)
+        self._created.add("TABLE", place.table, place.qualified)
+        self._copy_in(plan, place.table, records, options)
+        self._complete_table(plan, place)
+
+    def _create_table(self, plan: ItemPlan, place: ddl.Placement) -> None:
+        """The table's dependencies and its bare columns, before the load."""
         spec, conn, d = plan.item.schema, self.conn, plan.details
         self._created.ensure_dependencies(conn, spec, d, place)
         for seq in ddl.owned_sequences(spec):
             if not seq["identity"]:
                 conn.execute(ddl.create_sequence(seq, place))
         conn.execute(ddl.create_table(spec, place, conn))
-        self._created.add("TABLE", place.table, place.qualified)
-        self._copy_in(plan, place.table, records, options)
+
+    def _complete_table(self, plan: ItemPlan, place: ddl.Placement) -> None:
+        """After the load: constraints and indexes, sequences, then what must not fire for
+        (or slow down) the restored rows."""
+        spec, conn, d = plan.item.schema, self.conn, plan.details
         for stmt in ddl.after_load(spec, place):
             conn.execute(stmt)
         for seq in ddl.owned_sequences(spec):
@@ -303,27 +235,57 @@ class PostgresTarget:
 
     def _copy_in(self, plan: ItemPlan, table: sql.Identifier, records: Iterator[bytes],
                  options: RestoreOptions) -> None:
-        """COPY FROM STDIN, written in batches of `options.batch_size` rows (or ~1 MiB)."""
-        limit = max(1, options.batch_size)
-        with self.conn.cursor() as cur, cur.copy(ddl.copy_in(plan.item.schema, table)) as copy:
-            batch: list[bytes] = []
-            size = 0
-            for record in records:
-                batch.append(record)
-                size += len(record)
-                if len(batch) >= limit or size >= _BATCH_BYTES:
-                    copy.write(b"".join(batch))
-                    batch, size = [], 0
-            if batch:
-                copy.write(b"".join(batch))
+        load.copy_in(self.conn, ddl.copy_in(plan.item.schema, table), records, options.batch_size)
 
     # ---- swap ---------------------------------------------------------------------------
-    def _stage(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes], options: RestoreOptions) -> None:
-        staged = self._staging.reserve(self.conn, plan.target, place)
-        with self.conn.transaction():
-            self.conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staged.schema)))
-            self._create(plan, staged, records, options)
-        self._staging.tables[plan.target] = staged
+    def _build_staged(self, plan: ItemPlan, place: ddl.Placement, records: Iterator[bytes],
+                      options: RestoreOptions) -> None:
+        """The table built in a staging schema of its own: created and committed, loaded
+        (a big one over several connections at once: postgres_load), then completed. A swap
+        leaves it there for `switch`; a create moves it into place in the completing
+        transaction, so the table appears whole or not at all, as in one transaction. A
+        failure drops the staging schema; a kill leaves it to the next run (postgres_swap)."""
+        conn, swap = self.conn, plan.details["method"] == "stage"
+        staged = self._staging.reserve(conn, plan.target, place)
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staged.schema)))
+                if not swap:
+                    self._created.ensure_schema(conn, place.schema)
+                self._create_table(plan, staged)
+            if not swap:
+                self._created.commit(plan)  # committed: `undo` drops the types, schemas, ... it created
+            self._load(plan, staged.table, records, options)
+            with conn.transaction():
+                self._complete_table(plan, staged)
+                if not swap:
+                    conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(staged.table,
+                                                                                sql.Identifier(place.schema)))
+                    conn.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(staged.schema)))
+        except BaseException:
+            self._staging.drop(conn, staged.schema)
+            raise
+        if swap:
+            self._staging.tables[plan.target] = staged
+        else:
+            self._created.add("TABLE", place.table, place.qualified)
+
+    def _load(self, plan: ItemPlan, table: sql.Identifier, records: Iterator[bytes], options: RestoreOptions) -> None:
+        """COPY into a committed table: over PARTS connections at once when the item is big
+        and the server takes the extra connections, else over this one."""
+        statement = ddl.copy_in(plan.item.schema, table)
+        helpers: list = []
+        try:
+            while plan.item.bytes >= load.MIN_BYTES and len(helpers) < load.PARTS - 1:
+                helpers.append(connect(self.url, "statevault restore"))
+        except StatevaultError as exc:  # e.g. max_connections reached: load over fewer
+            log.warning("loading %s over %d connection(s): another one was refused (%s)", plan.target,
+                        len(helpers) + 1, exc.message)
+        try:
+            load.parallel_copy_in([self.conn, *helpers], statement, records, options.batch_size)
+        finally:
+            for c in helpers:
+                c.close()
 
     def undo(self, plans: list[ItemPlan]) -> str | None:
         """After a failed restore: drop the tables items of `plans` created and committed, and
@@ -448,33 +410,3 @@ def _oid(conn, place: ddl.Placement) -> int:
     if found is None:
         raise NotFoundError(f"{place.qualified} disappeared from the target since the plan")
     return found[0]
-
-
-def _refuse_row_security(target: str, problem: str | None) -> None:
-    if problem:
-        raise IncompatibleTargetError(f"{target}: {problem}, so this role could neither load it nor read it back "
-                                      "for verification; nothing was written",
-                                      hint="Restore as a superuser or a role with BYPASSRLS, as the backup "
-                                           "(which reads past row-level security too) must have run.")
-
-
-def _select(manifest: Manifest, only: list[str]) -> list[Item]:
-    if not only:
-        return list(manifest.items)
-    by_name = {i.name: i for i in manifest.items}
-    chosen = []
-    for name in only:
-        full = name if name in by_name else ".".join(resolve_table_name(name))
-        if full not in by_name:
-            names = ", ".join(by_name) or "none"
-            raise NotFoundError(f"snapshot {manifest.id} has no table {name!r} (items: {names})")
-        if by_name[full] not in chosen:
-            chosen.append(by_name[full])
-    return chosen
-
-
-def _check_item(item: Item) -> None:
-    if item.format != FORMAT or item.schema.get("schema_version") != SCHEMA_VERSION:
-        raise IncompatibleTargetError(f"item {item.name} has format {item.format!r} (schema version "
-                                      f"{item.schema.get('schema_version')}); this statevault restores "
-                                      f"{FORMAT} version {SCHEMA_VERSION} into PostgreSQL")

@@ -87,6 +87,13 @@ class Staging:
         for plan in plans:
             self.tables.pop(plan.target, None)
 
+    def drop(self, conn, schema: str) -> None:
+        """Drop one staging schema, best effort (a build that failed; the next run drops it too)."""
+        try:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        except Exception:  # noqa: BLE001 - never mask the error that brought us here
+            pass
+
     def discard(self, conn) -> None:
         """Drop what was staged but never switched (best effort: the next run drops it too)."""
         for place in list(self.tables.values()):

@@ -19,6 +19,7 @@ import pytest
 
 from backup.sources.postgres import PostgresSource
 from backup.sources.postgres_schema import connect, describe_table, find_table
+from restore.targets import postgres_load
 from restore.targets.base import RestoreOptions
 from restore.targets.postgres import PostgresTarget
 from snapshots.codec import digest_records
@@ -175,7 +176,17 @@ ORDERS = {"users": "id", "memories": "id", "notes": 'key COLLATE "C"', "events":
 
 # ---- round trip --------------------------------------------------------------------------
 
-def test_round_trip_into_an_empty_database(pg_url, target_url, file_repo_url):
+@pytest.fixture(params=["in one transaction", "staged, over three connections"])
+def load_path(request, monkeypatch):
+    """A new table is created and loaded in one transaction, or, when big, built in a staging
+    schema by several COPYs at once and moved into place (restore.targets.postgres_load)."""
+    if request.param != "in one transaction":
+        monkeypatch.setattr(postgres_load, "MIN_BYTES", 0)
+        monkeypatch.setattr(postgres_load, "PARTS", 3)
+    return request.param
+
+
+def test_round_trip_into_an_empty_database(pg_url, target_url, file_repo_url, load_path):
     populate(pg_url)
     repo = open_repository(file_repo_url, create=True)
     manifest, _ = backup(repo, pg_url)
@@ -213,6 +224,7 @@ def test_round_trip_into_an_empty_database(pg_url, target_url, file_repo_url):
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         execute(target_url, "INSERT INTO memories (user_id, parent_id) VALUES (1, 424242)")
     assert scalar(target_url, "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND NOT convalidated") == 0
+    assert scalar(target_url, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'statevault%'") == 0
 
 
 def test_chunks_are_plain_copy_input(pg_url, target_url, file_repo_url):
@@ -425,6 +437,7 @@ SWAP_CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
+from restore.targets import postgres_load
 from restore.targets.base import RestoreOptions
 from restore.targets.postgres import PostgresTarget
 from snapshots.repository import open_repository
@@ -485,14 +498,15 @@ def test_swap_killed_midway_leaves_live_tables_untouched(pg_url, file_repo_url, 
         child.wait()
 
     assert {t: table_bytes(pg_url, t) for t in ("big", "small")} == live
-    # small's staging schema was committed before the kill; its session's lock dies with the backend
+    # small's staging schema was committed before the kill, and so was big's, created before its
+    # load began; their session's lock dies with the backend
     deadline = time.monotonic() + 30
     while scalar(pg_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore' "
                            "AND datname = current_database()"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     staging = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'statevault%'"
-    assert scalar(pg_url, staging) == 1
+    assert scalar(pg_url, staging) == 2
 
     plans = restore(pg_url, repo, manifest, mode="swap")  # drops the leftover, then swaps
     assert [p.action for p in plans] == ["swap", "swap"]
