@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             note(f"upserted {args.points:,} points in {t_fill:.1f} s ({dir_size(store) / 2**20:.1f} MiB on disk)")
         plain = Comparison("backup", "bare scroll", 1.15)
         offline = Comparison("backup+offline index", "bare scroll", 1.15)
-        scrolled = Comparison("backup through scroll", "bare scroll", 1.15)
+        scrolled = Comparison("backup through scroll", "bare scroll", None)  # the fallback path: no goal
         info: dict = {}
         digests = set()
         for run in range(args.repeat):

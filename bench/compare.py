@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 class Comparison:
     name: str                 # "backup", "restore", ...
     reference: str            # the reference command, e.g. "pg_dump -Fc"
-    goal: float               # ours/reference must be at most this
+    goal: float | None        # ours/reference must be at most this; None: reported, no goal
     ours: list[float] = field(default_factory=list)       # seconds (or `unit`), one per repetition
     theirs: list[float] = field(default_factory=list)
     unit: str = "s"
@@ -57,13 +57,15 @@ class Comparison:
         return statistics.median(a / b for a, b in zip(self.ours, self.theirs))
 
     @property
-    def met(self) -> bool:
-        return self.ratio <= self.goal
+    def met(self) -> bool | None:
+        return None if self.goal is None else self.ratio <= self.goal
 
     def line(self) -> str:
         u = self.unit
+        verdict = ("no goal: reported" if self.goal is None
+                   else f"goal <= {self.goal:.2f}x: {'met' if self.met else 'MISSED'}")
         return (f"ratio {self.name}: ours {self.ours_s:.2f} {u} / {self.reference} {self.reference_s:.2f} {u} = "
-                f"{self.ratio:.2f}x (goal <= {self.goal:.2f}x: {'met' if self.met else 'MISSED'})")
+                f"{self.ratio:.2f}x ({verdict})")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
