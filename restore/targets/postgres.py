@@ -96,6 +96,7 @@ class PostgresTarget:
         self._pending_fks: list[tuple[ItemPlan, dict]] = []
         self._to_validate: list[tuple[str, str]] = []
         self._keys: dict[str, Any] = {}
+        self._may_create_schemas: bool | None = None
 
     @property
     def conn(self):
@@ -139,8 +140,8 @@ class PostgresTarget:
         saved = (list(self._pending_fks), list(self._to_validate))
         try:
             with self._errors(f"restore {plan.item.name} into {plan.target}"):
-                if d["method"] == "stage" or (d["method"] == "create" and plan.item.bytes >= load.MIN_BYTES):
-                    self._build_staged(plan, place, records, options)  # a big new table loads in parallel
+                if d["method"] == "stage" or (d["method"] == "create" and self._loads_in_parallel(plan)):
+                    self._build_staged(plan, place, records, options)
                 else:
                     with self.conn.transaction():
                         if d["method"] == "create":
@@ -269,6 +270,20 @@ class PostgresTarget:
             self._staging.tables[plan.target] = staged
         else:
             self._created.add("TABLE", place.table, place.qualified)
+
+    def _loads_in_parallel(self, plan: ItemPlan) -> bool:
+        """Whether a new table is big enough to be built staged and loaded in parallel, and this
+        role may create the staging schema (CREATE on the database); if not, it is loaded in
+        place in one transaction, as a small one."""
+        if plan.item.bytes < load.MIN_BYTES:
+            return False
+        if self._may_create_schemas is None:
+            self._may_create_schemas = self.conn.execute(
+                "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')").fetchone()[0]
+            if not self._may_create_schemas:
+                log.info("big tables load over one connection: this role may not create a staging schema "
+                         "(CREATE on the database)")
+        return self._may_create_schemas
 
     def _load(self, plan: ItemPlan, table: sql.Identifier, records: Iterator[bytes], options: RestoreOptions) -> None:
         """COPY into a committed table: over PARTS connections at once when the item is big

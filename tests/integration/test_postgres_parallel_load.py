@@ -12,9 +12,10 @@ from restore.targets import postgres_load
 from restore.targets.base import RestoreOptions
 from restore.targets.postgres import PostgresTarget
 from snapshots.codec import digest_records
-from snapshots.errors import SourceError, StatevaultError
+from snapshots.errors import IncompatibleTargetError, SourceError, StatevaultError
 from snapshots.repository import open_repository
 from tests.integration.test_postgres_store import backup, execute, scalar, table_bytes
+from tests.servers import unique_name
 
 PARTS = 3
 COPYING = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore' "
@@ -148,6 +149,43 @@ def test_small_tables_load_in_place_in_one_transaction(target_url_for_load, snap
         target.close()
     # rolled back as one: not even the schema the table needed was left
     assert scalar(target_url_for_load, "SELECT count(*) FROM pg_namespace WHERE nspname = 'agents'") == 0
+
+
+def test_a_role_that_may_not_create_schemas_loads_in_place(pg_url, target_url_for_load, file_repo_url, any_size,
+                                                          pg_server, request):
+    """The staging schema needs CREATE on the database; a role with CREATE on `public` only
+    restores a big table as a small one, in place, in one transaction."""
+    execute(pg_url, "CREATE TABLE notes (id int PRIMARY KEY, body text);"
+                    "INSERT INTO notes SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+    repo = open_repository(file_repo_url, create=True)
+    manifest, _ = backup(repo, pg_url)
+    url = target_url_for_load
+    restorer = unique_name("restorer")
+    execute(pg_server.url, f"CREATE ROLE {restorer}")
+    request.addfinalizer(lambda: (execute(url, f"DROP OWNED BY {restorer}"),
+                                  execute(pg_server.url, f"DROP ROLE {restorer}")))
+    execute(url, f"GRANT CREATE ON SCHEMA public TO {restorer}")
+    as_restorer = url + ("&" if "?" in url else "?") + f"options=-c%20role%3D{restorer}"
+    assert not scalar(as_restorer, "SELECT has_database_privilege(current_database(), 'CREATE')")
+
+    target = PostgresTarget(as_restorer)
+    try:
+        [plan] = target.plan(manifest, only=[], into=None, mode="new")
+        target.restore(plan, repo.iter_records(plan.item), RestoreOptions())
+        assert digest_records(target.read_back(plan)) == (plan.item.records, plan.item.digest)
+    finally:
+        target.close()
+    assert scalar(url, "SELECT tableowner FROM pg_tables WHERE tablename = 'notes'") == restorer
+    assert table_bytes(url, "notes") == table_bytes(pg_url, "notes")
+
+    # a swap has no such fallback: refused by the plan (exit 2), before the pre-restore snapshot
+    target = PostgresTarget(as_restorer)
+    try:
+        with pytest.raises(IncompatibleTargetError, match="may not create schemas") as refused:
+            target.plan(manifest, only=[], into=None, mode="swap")
+        assert refused.value.exit_code == 2 and "GRANT CREATE ON DATABASE" in refused.value.hint
+    finally:
+        target.close()
 
 
 @pytest.fixture
