@@ -56,3 +56,40 @@ def test_sigterm_mid_restore_removes_the_keys_it_wrote(redis_url, fresh_redis_ur
     assert code == 1, err
     assert "interrupted by SIGTERM" in err and "key(s) it had written were removed" in err, err
     assert t.dbsize() == 0
+
+
+CLI_WITH_SMALL_PARALLEL_LOADS = ("import runpy, sys\n"
+                                 "import restore.targets.postgres_load as load\n"
+                                 "load.MIN_BYTES = 0  # this small table loads as a big one: staged, two COPYs\n"
+                                 "sys.argv[0] = 'statevault'\n"
+                                 "runpy.run_module('cli.app', run_name='__main__')\n")
+
+
+def test_sigterm_mid_parallel_load_leaves_no_table_and_no_staging_schema(pg_url, pg_database, tmp_path):
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE memories (id bigint PRIMARY KEY, body text NOT NULL);"
+                     "INSERT INTO memories SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 300000) g")
+    config = tmp_path / "statevault.toml"
+    config.write_text(f'[repository]\nurl = "{(tmp_path / "repo").as_uri()}"\n\n'
+                      f'[sources.memory]\nkind = "postgres"\nurl = "{pg_url}"\n', encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (("init",), ("backup", "memory")):
+        subprocess.run(statevault(config, *args), cwd=ROOT, env=env, check=True, capture_output=True)
+
+    target = pg_database("svsigterm")
+
+    def scalar(query: str):
+        with psycopg.connect(target, autocommit=True) as conn:
+            return conn.execute(query).fetchone()[0]
+
+    copying = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore' "
+               "AND datname = current_database() AND query LIKE 'COPY%FROM STDIN%' AND state = 'active'")
+    command = [sys.executable, "-c", CLI_WITH_SMALL_PARALLEL_LOADS, "-c", str(config),
+               "restore", "latest", "--source", "memory", "--to", target]
+    code, _, err = sigterm_once(command, env, lambda: scalar(copying) == 2)  # both loaders are in their COPY
+    assert code == 1, err
+    assert "interrupted by SIGTERM" in err, err
+    assert scalar("SELECT to_regclass('public.memories') IS NULL")
+    assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'statevault%'") == 0
