@@ -14,8 +14,9 @@ timestamptz)` of --rows rows, vacuumed and frozen before anything is timed.
   (the whole path of `statevault backup`: consistent cut, schema, COPY, chunking, digest, zstd
   level 3, 4 upload threads, manifest), in this process. Reference: `pg_dump -Fc -t
   public.memories` to a file (its default gzip compression), a subprocess.
-- restore: ours is restore.run.restore_snapshot into an empty database (create table, COPY,
-  primary key, sequence, then verification: the table read back, counted and digested).
+- restore: ours is restore.run.restore_snapshot into an empty database (the table created in
+  a staging schema and loaded by two COPYs at once, being over 64 MiB; primary key, sequence,
+  the move into place; then verification: the table read back, counted and digested).
   Reference: `pg_restore -d` of the dump into another empty database.
 Also printed, not compared: an unchanged second backup (everything dedups) and the sizes.
 Goals (issue 3): backup <= 0.40x, restore <= 1.3x. Best of --repeat runs, alternating.
