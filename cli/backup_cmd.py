@@ -123,6 +123,9 @@ def restore(ctx: typer.Context,
             ttl: Annotated[str, typer.Option("--ttl", help="Redis TTLs, of keys and of hash fields: keep "
                                                             "(absolute expiry), reset (original duration from now), "
                                                             "none (persist).")] = "keep",
+            jobs: Annotated[int, typer.Option(
+                "--jobs", "-j", help="PostgreSQL: connections that load a big table (64 MiB+) at once, and read "
+                                     "it back for verification; 1 loads it in place in one transaction.")] = 2,
             dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
             yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before replacing live data.")] = False,
             json: JsonOpt = False) -> None:
@@ -146,7 +149,7 @@ def restore(ctx: typer.Context,
             with stopped_by_signals():  # an interrupted restore undoes what it wrote (restore/run.py)
                 result = restore_snapshot(repo, settings, source, snapshot, at=_parse_at(at), only=only or [],
                                           to_url=to, to_path=to_path, into=into, mode=mode, ttl=ttl,
-                                          dry_run=dry_run)
+                                          dry_run=dry_run, jobs=jobs)
         except VerificationError as exc:
             if json and exc.report:
                 emit_json(exc.report)

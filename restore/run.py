@@ -93,7 +93,9 @@ class _Tee:
             self.log.finish()
 
 
-def _check_options(mode: str, ttl: str, only: list[str], into: str | None) -> None:
+def _check_options(mode: str, ttl: str, only: list[str], into: str | None, jobs: int) -> None:
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: give at least 1 (connections loading one big PostgreSQL table at once)")
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     if ttl not in TTL_MODES:
@@ -105,14 +107,15 @@ def _check_options(mode: str, ttl: str, only: list[str], into: str | None) -> No
 def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str = "latest", *,
                      at: datetime | None = None, only: list[str] | tuple[str, ...] = (), to_url: str | None = None,
                      to_path: str | None = None, into: str | None = None, mode: str = "new", ttl: str = "keep",
-                     dry_run: bool = False, progress: Callable[[str, int], None] | None = None) -> RestoreResult:
+                     dry_run: bool = False, progress: Callable[[str, int], None] | None = None,
+                     jobs: int = 2) -> RestoreResult:
     only = list(only)
-    _check_options(mode, ttl, only, into)
+    _check_options(mode, ttl, only, into, jobs)
     cfg = settings.source(source)
     manifest = repo.resolve(ref, source=source, at=at)
     result = RestoreResult(source=source, snapshot_id=manifest.id, cut_time=manifest.cut_time, mode=mode,
                            dry_run=dry_run)
-    options = RestoreOptions(mode=mode, ttl=ttl)  # type: ignore[arg-type]
+    options = RestoreOptions(mode=mode, ttl=ttl, jobs=jobs)  # type: ignore[arg-type]
 
     target = open_target(cfg, url=to_url, path=to_path)
     try:
@@ -143,7 +146,7 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
                 finish(plans, options)
             result.restore_seconds = time.monotonic() - started
             started = time.monotonic()
-            result.checks = [_verify(repo, target, plan, tee) for plan, tee in zip(plans, tees)]
+            result.checks = [_verify(repo, target, plan, tee, jobs) for plan, tee in zip(plans, tees)]
             result.verify_seconds = time.monotonic() - started
             switch = getattr(target, "switch", None)
             if mode == "swap" and result.ok and switch is not None:
@@ -230,7 +233,7 @@ def _canonical(target, plan: ItemPlan) -> Callable[[bytes], bytes]:
     return lambda r: target.canonical(item, r)
 
 
-def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
+def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee, jobs: int = 2) -> ItemCheck:
     item = plan.item
     if tee.filtered:
         exp_count, exp_digest = tee.digest.count, tee.digest.hexdigest
@@ -243,7 +246,7 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee) -> ItemCheck:
     canon = _canonical(target, plan)
     identity = getattr(target, "canonical_is_identity", False)
     parts = getattr(target, "read_back_parts", None)
-    streams = parts(plan) if parts is not None else None
+    streams = parts(plan, jobs) if parts is not None else None
     ttl_check = getattr(target, "verify_ttls", None)
     # Redis: the read-back's expiries, logged as it is digested, against those the tee logged on the way in
     log = target.ttl_log() if ttl_check is not None and hasattr(target, "ttl_log") else None

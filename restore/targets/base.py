@@ -21,6 +21,9 @@ class RestoreOptions:
     mode: Mode = "new"
     ttl: TtlMode = "keep"
     batch_size: int = 1000
+    # PostgreSQL: connections that load one big table at once, and read it back for verification
+    # (postgres_load, postgres_parallel); 1 loads it in place in one transaction, as a small one
+    jobs: int = 2
 
 
 @dataclass

@@ -28,7 +28,7 @@ extensions and shared sequences that did not exist before them; live.Created):
   row-level security, policies, replica identity and triggers (after the load: they must not
   fire for restored rows). A trigger whose function or a policy whose roles are missing is
   skipped with a note. A big table (postgres_load.MIN_BYTES of records) is built as a swap
-  builds it, in a staging schema committed before the load, so that postgres_load.PARTS
+  builds it, in a staging schema committed before the load, so that `options.jobs`
   connections can COPY into it at once; the transaction that completes it also moves it into
   place. Readers see it whole or not at all, as with one transaction; a failure drops the
   staging schema, and `undo` what was created for the table.
@@ -140,7 +140,7 @@ class PostgresTarget:
         saved = (list(self._pending_fks), list(self._to_validate))
         try:
             with self._errors(f"restore {plan.item.name} into {plan.target}"):
-                if d["method"] == "stage" or (d["method"] == "create" and self._loads_in_parallel(plan)):
+                if d["method"] == "stage" or (d["method"] == "create" and self._loads_in_parallel(plan, options)):
                     self._build_staged(plan, place, records, options)
                 else:
                     with self.conn.transaction():
@@ -271,11 +271,11 @@ class PostgresTarget:
         else:
             self._created.add("TABLE", place.table, place.qualified)
 
-    def _loads_in_parallel(self, plan: ItemPlan) -> bool:
-        """Whether a new table is big enough to be built staged and loaded in parallel, and this
-        role may create the staging schema (CREATE on the database); if not, it is loaded in
-        place in one transaction, as a small one."""
-        if plan.item.bytes < load.MIN_BYTES:
+    def _loads_in_parallel(self, plan: ItemPlan, options: RestoreOptions) -> bool:
+        """Whether a new table is to be built staged and loaded over several connections: it is
+        big, more than one job was asked for, and this role may create the staging schema
+        (CREATE on the database). If not, it is loaded in place in one transaction."""
+        if plan.item.bytes < load.MIN_BYTES or options.jobs < 2:
             return False
         if self._may_create_schemas is None:
             self._may_create_schemas = self.conn.execute(
@@ -286,12 +286,12 @@ class PostgresTarget:
         return self._may_create_schemas
 
     def _load(self, plan: ItemPlan, table: sql.Identifier, records: Iterator[bytes], options: RestoreOptions) -> None:
-        """COPY into a committed table: over PARTS connections at once when the item is big
-        and the server takes the extra connections, else over this one."""
+        """COPY into a committed table: over `options.jobs` connections at once when the item
+        is big and the server takes the extra connections, else over this one."""
         statement = ddl.copy_in(plan.item.schema, table)
         helpers: list = []
         try:
-            while plan.item.bytes >= load.MIN_BYTES and len(helpers) < load.PARTS - 1:
+            while plan.item.bytes >= load.MIN_BYTES and len(helpers) < options.jobs - 1:
                 helpers.append(connect(self.url, "statevault restore"))
         except StatevaultError as exc:  # e.g. max_connections reached: load over fewer
             log.warning("loading %s over %d connection(s): another one was refused (%s)", plan.target,
@@ -385,7 +385,7 @@ class PostgresTarget:
             stmt = copy_out_sql(plan.item.schema, place.schema, place.name, bytewise, ordered=ordered)
             yield from copy_out_rows(self.conn, stmt)
 
-    def read_back_parts(self, plan: ItemPlan) -> list[Iterator[bytes]] | None:
+    def read_back_parts(self, plan: ItemPlan, parts: int = 2) -> list[Iterator[bytes]] | None:
         """`read_back(plan, ordered=False)` as page ranges to read concurrently (each on its
         own connection, one snapshot), or None for one COPY (postgres_parallel)."""
         with self._errors(f"read back {plan.target}"):
@@ -396,7 +396,7 @@ class PostgresTarget:
                     yield from copy_out_rows(conn, copy_out_sql(plan.item.schema, place.schema, place.name,
                                                                 bytewise, ordered=False, where=where))
 
-            return parallel_reads(self.conn, lambda: connect(self.url, "statevault verify"), oid, read)
+            return parallel_reads(self.conn, lambda: connect(self.url, "statevault verify"), oid, read, parts)
 
     def canonical(self, item: Item, record: bytes) -> bytes:
         return record

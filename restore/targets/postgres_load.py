@@ -8,7 +8,7 @@ they can only write to a table that is already committed: the PostgreSQL target 
 table in a staging schema and moves it into place when it is whole (restore.targets.postgres,
 `_build_staged`).
 
-Measured on 2 CPUs with the bench's 1M-row memory table (250 MB of COPY text), the COPY
+How many connections: RestoreOptions.jobs (`restore --jobs`, default 2). Measured on 2 CPUs with the bench's 1M-row memory table (250 MB of COPY text), the COPY
 alone: one connection 1.94-2.61 s, two 1.56-1.59 s, three 1.56-1.90 s. More connections than
 the server has CPUs buy nothing.
 """
@@ -18,7 +18,6 @@ import queue
 import threading
 from typing import Iterable, Iterator
 
-PARTS = 2                 # connections loading one table at once
 MIN_BYTES = 64 << 20      # smaller tables load in one transaction, in place (no staging)
 BATCH_BYTES = 1 << 20     # a write to COPY: at most this much, or `rows` records
 _QUEUE = 8                # batches waiting for a loader: bounds the memory to ~8 MiB

@@ -25,7 +25,6 @@ from snapshots.errors import StatevaultError
 
 log = logging.getLogger("statevault.restore.postgres")
 
-PARTS = 2                 # ranges read at once
 MIN_BYTES = 64 << 20      # smaller tables are read back by one COPY: setup costs more than it saves
 MIN_SERVER_VERSION = 140000
 
@@ -45,12 +44,13 @@ def range_filter(lo: int, hi: int | None) -> sql.Composed:
 
 
 def parallel_reads(conn, connect: Callable[[], object], oid: int,
-                   read: Callable[[object, sql.Composable], Iterator[bytes]]) -> list[Iterator[bytes]] | None:
-    """Record streams covering table `oid` (one per page range, on new connections from
-    `connect`), or None when one COPY is as good: a server before 14, or a table under
-    MIN_BYTES. `read(connection, condition)` yields the rows matching `condition`. Each
+                   read: Callable[[object, sql.Composable], Iterator[bytes]], parts: int = 2
+                   ) -> list[Iterator[bytes]] | None:
+    """Record streams covering table `oid` (`parts` page ranges, each on a new connection from
+    `connect`), or None when one COPY is as good: a server before 14, a table under
+    MIN_BYTES, or one part. `read(connection, condition)` yields the rows matching `condition`. Each
     stream closes its connection when exhausted or closed."""
-    if conn.info.server_version < MIN_SERVER_VERSION:
+    if parts < 2 or conn.info.server_version < MIN_SERVER_VERSION:
         return None
     size, block = conn.execute("SELECT pg_catalog.pg_relation_size(%s), "
                                "pg_catalog.current_setting('block_size')::int", (oid,)).fetchone()
@@ -58,7 +58,7 @@ def parallel_reads(conn, connect: Callable[[], object], oid: int,
         return None
     conns = []
     try:
-        for _ in range(PARTS):
+        for _ in range(parts):
             conns.append(connect())
     except StatevaultError as exc:
         # e.g. max_connections reached: verify with the one connection rather than fail a
@@ -79,7 +79,7 @@ def parallel_reads(conn, connect: Callable[[], object], oid: int,
             c.close()
         raise
     # every transaction has its snapshot now: the exporting one may end whenever its stream does
-    return [_stream(c, read, range_filter(lo, hi)) for c, (lo, hi) in zip(conns, page_ranges(size // block, PARTS))]
+    return [_stream(c, read, range_filter(lo, hi)) for c, (lo, hi) in zip(conns, page_ranges(size // block, parts))]
 
 
 def _stream(conn, read, cond) -> Iterator[bytes]:

@@ -60,7 +60,7 @@ def test_sigterm_mid_restore_removes_the_keys_it_wrote(redis_url, fresh_redis_ur
 
 CLI_WITH_SMALL_PARALLEL_LOADS = ("import runpy, sys\n"
                                  "import restore.targets.postgres_load as load\n"
-                                 "load.MIN_BYTES = 0  # this small table loads as a big one: staged, two COPYs\n"
+                                 "load.MIN_BYTES = 0  # this small table loads as a big one: staged, one COPY a job\n"
                                  "sys.argv[0] = 'statevault'\n"
                                  "runpy.run_module('cli.app', run_name='__main__')\n")
 
@@ -87,8 +87,8 @@ def test_sigterm_mid_parallel_load_leaves_no_table_and_no_staging_schema(pg_url,
     copying = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore' "
                "AND datname = current_database() AND query LIKE 'COPY%FROM STDIN%' AND state = 'active'")
     command = [sys.executable, "-c", CLI_WITH_SMALL_PARALLEL_LOADS, "-c", str(config),
-               "restore", "latest", "--source", "memory", "--to", target]
-    code, _, err = sigterm_once(command, env, lambda: scalar(copying) == 2)  # both loaders are in their COPY
+               "restore", "latest", "--source", "memory", "--to", target, "--jobs", "3"]
+    code, _, err = sigterm_once(command, env, lambda: scalar(copying) == 3)  # every loader is in its COPY
     assert code == 1, err
     assert "interrupted by SIGTERM" in err, err
     assert scalar("SELECT to_regclass('public.memories') IS NULL")

@@ -12,12 +12,14 @@ from restore.targets import postgres_load
 from restore.targets.base import RestoreOptions
 from restore.targets.postgres import PostgresTarget
 from snapshots.codec import digest_records
-from snapshots.errors import IncompatibleTargetError, SourceError, StatevaultError
+from restore.run import restore_snapshot
+from snapshots.errors import IncompatibleTargetError, SourceError, StatevaultError, UsageError
 from snapshots.repository import open_repository
+from snapshots.settings import Settings
 from tests.integration.test_postgres_store import backup, execute, scalar, table_bytes
 from tests.servers import unique_name
 
-PARTS = 3
+JOBS = 3
 COPYING = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'statevault restore' "
            "AND datname = current_database() AND query LIKE 'COPY%FROM STDIN%' AND state = 'active'")
 STAGING = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'statevault%'"
@@ -26,7 +28,6 @@ STAGING = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'statevault%'"
 @pytest.fixture
 def any_size(monkeypatch):
     monkeypatch.setattr(postgres_load, "MIN_BYTES", 0)
-    monkeypatch.setattr(postgres_load, "PARTS", PARTS)
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_the_table_appears_whole_after_loading_over_several_connections(pg_url, 
         for n, record in enumerate(records):
             if n == 15000:  # most batches are in: every loader is in its COPY, nothing is in place
                 deadline = time.monotonic() + 20
-                while scalar(url, COPYING) < PARTS and time.monotonic() < deadline:
+                while scalar(url, COPYING) < JOBS and time.monotonic() < deadline:
                     time.sleep(0.05)
                 seen["copying"] = scalar(url, COPYING)
                 seen["in place"] = scalar(url, "SELECT to_regclass('agents.big') IS NOT NULL")
@@ -68,12 +69,12 @@ def test_the_table_appears_whole_after_loading_over_several_connections(pg_url, 
 
     target, plan = _plan(url, manifest)
     try:
-        target.restore(plan, watched(repo.iter_records(plan.item)), RestoreOptions())
+        target.restore(plan, watched(repo.iter_records(plan.item)), RestoreOptions(jobs=JOBS))
         target.finish([plan], RestoreOptions())
         assert digest_records(target.read_back(plan)) == (plan.item.records, plan.item.digest)
     finally:
         target.close()
-    assert seen["copying"] == PARTS and not seen["in place"]
+    assert seen["copying"] == JOBS and not seen["in place"]
     assert table_bytes(url, "agents.big") == table_bytes(pg_url, "agents.big")
     assert scalar(url, STAGING) == 0 and scalar(url, COPYING) == 0
     assert scalar(url, "SELECT count(*) FROM pg_indexes WHERE schemaname = 'agents' AND tablename = 'big'") == 2
@@ -103,7 +104,7 @@ def test_a_failed_load_leaves_nothing_behind(pg_url, target_url_for_load, snapsh
     target, plan = _plan(url, manifest)
     try:
         with pytest.raises(error) as caught:
-            target.restore(plan, feed(repo.iter_records(plan.item)), RestoreOptions())
+            target.restore(plan, feed(repo.iter_records(plan.item)), RestoreOptions(jobs=JOBS))
         if error is SourceError:
             assert "agents.big" in str(caught.value) and "invalid input syntax" in str(caught.value)
         # every loader's COPY ended: some parts may have committed into the staging schema, which is gone
@@ -138,17 +139,28 @@ def test_a_refused_extra_connection_loads_over_one(pg_url, target_url_for_load, 
     assert table_bytes(target_url_for_load, "agents.big") == table_bytes(pg_url, "agents.big")
 
 
-def test_small_tables_load_in_place_in_one_transaction(target_url_for_load, snapshot):
-    """Under MIN_BYTES nothing is staged: no schema is created and committed before the load."""
+@pytest.mark.parametrize("size, jobs", [("small", 2), ("big", 1)], ids=["under MIN_BYTES", "--jobs 1"])
+def test_a_table_loads_in_place_in_one_transaction(target_url_for_load, snapshot, monkeypatch, size, jobs):
+    """Under MIN_BYTES, or with one job, nothing is staged: no schema is created and committed
+    before the load."""
+    if size == "big":
+        monkeypatch.setattr(postgres_load, "MIN_BYTES", 0)
     repo, manifest = snapshot
     target, plan = _plan(target_url_for_load, manifest)
     try:
         with pytest.raises(StatevaultError):
-            target.restore(plan, _bad_row(repo.iter_records(plan.item)), RestoreOptions())
+            target.restore(plan, _bad_row(repo.iter_records(plan.item)), RestoreOptions(jobs=jobs))
     finally:
         target.close()
     # rolled back as one: not even the schema the table needed was left
     assert scalar(target_url_for_load, "SELECT count(*) FROM pg_namespace WHERE nspname = 'agents'") == 0
+
+
+def test_jobs_must_be_at_least_one(snapshot, file_repo_url, target_url_for_load):
+    repo, _ = snapshot
+    cfg = Settings(sources={"memory": {"kind": "postgres", "url": target_url_for_load}})
+    with pytest.raises(UsageError, match="--jobs 0"):
+        restore_snapshot(repo, cfg, "memory", "latest", to_url=target_url_for_load, jobs=0)
 
 
 def test_a_role_that_may_not_create_schemas_loads_in_place(pg_url, target_url_for_load, file_repo_url, any_size,

@@ -24,9 +24,8 @@ def test_page_ranges_cover_the_table_once():
 
 @pytest.fixture
 def any_size(monkeypatch):
-    """Split every table, however small, in three ranges."""
+    """Split every table, however small."""
     monkeypatch.setattr(parallel, "MIN_BYTES", 0)
-    monkeypatch.setattr(parallel, "PARTS", 3)
 
 
 def _plans(url, manifest):
@@ -44,7 +43,7 @@ def test_ranges_add_up_to_the_snapshot_and_ignore_later_writes(pg_url, file_repo
 
     target, [plan] = _plans(pg_url, manifest)
     try:
-        streams = target.read_back_parts(plan)
+        streams = target.read_back_parts(plan, 3)
         assert len(streams) == 3
         # the snapshot is taken: rows written now are not read, in any range
         execute(pg_url, "INSERT INTO big VALUES (0, 'late'); DELETE FROM big WHERE id <= 1000")
@@ -73,13 +72,13 @@ def test_a_restore_verifies_through_the_ranges(pg_url, target_url_for_parallel, 
 
     def spy(*args, **kw):
         streams = real(*args, **kw)
-        used.append(streams is not None)
+        used.append(None if streams is None else len(streams))
         return streams
 
     monkeypatch.setattr("restore.targets.postgres.parallel_reads", spy)
     cfg = Settings(sources={"memory": {"kind": "postgres", "url": pg_url}})
-    result = restore_snapshot(repo, cfg, "memory", "latest", to_url=target_url_for_parallel)
-    assert result.ok and used == [True] * 4
+    result = restore_snapshot(repo, cfg, "memory", "latest", to_url=target_url_for_parallel, jobs=3)
+    assert result.ok and used == [3] * 4  # --jobs reaches the verification
     assert [c.actual_records for c in result.checks] == [c.expected_records for c in result.checks]
 
     # a damaged restore is still caught: one range differs

@@ -176,13 +176,12 @@ ORDERS = {"users": "id", "memories": "id", "notes": 'key COLLATE "C"', "events":
 
 # ---- round trip --------------------------------------------------------------------------
 
-@pytest.fixture(params=["in one transaction", "staged, over three connections"])
+@pytest.fixture(params=["in one transaction", "staged, over two connections"])
 def load_path(request, monkeypatch):
     """A new table is created and loaded in one transaction, or, when big, built in a staging
     schema by several COPYs at once and moved into place (restore.targets.postgres_load)."""
     if request.param != "in one transaction":
         monkeypatch.setattr(postgres_load, "MIN_BYTES", 0)
-        monkeypatch.setattr(postgres_load, "PARTS", 3)
     return request.param
 
 
