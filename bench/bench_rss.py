@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Comparison, header, note, peak_rss_mib, report  # noqa: E402
+from compare import Comparison, header, peak_rss_mib, report  # noqa: E402
 
 LIMIT_MIB = 300
 

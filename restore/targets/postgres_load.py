@@ -8,9 +8,10 @@ they can only write to a table that is already committed: the PostgreSQL target 
 table in a staging schema and moves it into place when it is whole (restore.targets.postgres,
 `_build_staged`).
 
-How many connections: RestoreOptions.jobs (`restore --jobs`, default 2). Measured on 2 CPUs with the bench's 1M-row memory table (250 MB of COPY text), the COPY
-alone: one connection 1.94-2.61 s, two 1.56-1.59 s, three 1.56-1.90 s. More connections than
-the server has CPUs buy nothing.
+How many connections: RestoreOptions.jobs (`restore --jobs`, default 2). Measured on 2 CPUs
+with the bench's 1M-row memory table (250 MB of COPY text), the COPY alone: one connection
+1.94-2.61 s, two 1.56-1.59 s, three 1.56-1.90 s. More connections than the server has CPUs
+buy nothing.
 """
 from __future__ import annotations
 
