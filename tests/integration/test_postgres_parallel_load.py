@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+import psycopg
 import pytest
 
 from restore.targets import postgres_load
@@ -203,3 +204,24 @@ def test_a_role_that_may_not_create_schemas_loads_in_place(pg_url, target_url_fo
 @pytest.fixture
 def target_url_for_load(pg_database):
     return pg_database("svload")
+
+
+def test_a_big_table_restored_into_another_name_beside_the_live_one(pg_url, snapshot, any_size):
+    """--into a new name in the same database: the staged build keeps the renamed indexes and
+    sequence, so the move into place collides with nothing of the live table."""
+    repo, manifest = snapshot
+    target = PostgresTarget(pg_url)
+    try:
+        [plan] = target.plan(manifest, only=[], into="agents.big_copy", mode="new")
+        target.restore(plan, repo.iter_records(plan.item), RestoreOptions(jobs=JOBS))
+        target.finish([plan], RestoreOptions())
+        assert digest_records(target.read_back(plan)) == (plan.item.records, plan.item.digest)
+    finally:
+        target.close()
+    assert table_bytes(pg_url, "agents.big_copy") == table_bytes(pg_url, "agents.big")
+    indexes = "SELECT array_agg(indexname ORDER BY indexname) FROM pg_indexes WHERE tablename = %s"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute(indexes, ("big",)).fetchone()[0] == ["big_n", "big_pkey"]
+        assert conn.execute(indexes, ("big_copy",)).fetchone()[0] == ["big_copy_n", "big_copy_pkey"]
+    assert scalar(pg_url, "SELECT pg_get_serial_sequence('agents.big_copy', 'id')") == "agents.big_copy_id_seq"
+    assert scalar(pg_url, STAGING) == 0
