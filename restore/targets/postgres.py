@@ -278,8 +278,7 @@ class PostgresTarget:
         if plan.item.bytes < load.MIN_BYTES or options.jobs < 2:
             return False
         if self._may_create_schemas is None:
-            self._may_create_schemas = self.conn.execute(
-                "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')").fetchone()[0]
+            self._may_create_schemas = live.may_create_schemas(self.conn)
             if not self._may_create_schemas:
                 log.info("big tables load over one connection: this role may not create a staging schema "
                          "(CREATE on the database)")
@@ -412,9 +411,7 @@ class PostgresTarget:
         if self._conn is None:
             return
         try:
-            self._staging.discard(self._conn)
-        except Exception:  # noqa: BLE001 - best effort (the next swap restore drops leftovers); never mask
-            pass           # the error that brought us here
+            self._staging.discard(self._conn)  # best effort: it never raises
         finally:
             self._conn.close()
             self._conn = None

@@ -272,6 +272,13 @@ def row_security_problem(conn, spec: dict[str, Any], live_oid: int | None) -> st
     return None
 
 
+def may_create_schemas(conn) -> bool:
+    """Whether this role may create schemas here (CREATE on the database): a staging schema
+    (swap, and the parallel load of a big new table) needs it."""
+    return bool(conn.execute("SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), "
+                             "'CREATE')").fetchone()[0])
+
+
 def live_triggers(conn, oid: int) -> tuple[list[tuple[str, str]], bool]:
     """([(name, tgenabled)] of the live table's own enabled triggers, whether this role may
     switch them off (it owns the table, directly or through a role it is a member of))."""

@@ -66,8 +66,7 @@ def plan_item(conn, item: Item, targets: dict[str, tuple[str, str]], mode: Mode,
                          "from the snapshot")
     if method in ("recreate", "stage"):  # a new table, this role its owner
         _refuse_row_security(target, live.row_security_problem(conn, spec, None))
-    if method == "stage" and not conn.execute(
-            "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')").fetchone()[0]:
+    if method == "stage" and not live.may_create_schemas(conn):
         raise IncompatibleTargetError(f"{target}: a swap builds the table in a staging schema, and this role may "
                                       "not create schemas in this database; nothing was written",
                                       hint="GRANT CREATE ON DATABASE to the restoring role, or use --mode replace.")

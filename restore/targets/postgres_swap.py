@@ -97,7 +97,7 @@ class Staging:
     def discard(self, conn) -> None:
         """Drop what was staged but never switched (best effort: the next run drops it too)."""
         for place in list(self.tables.values()):
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(place.schema)))
+            self.drop(conn, place.schema)
         self.tables.clear()
 
 

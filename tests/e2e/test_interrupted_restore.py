@@ -19,6 +19,18 @@ def statevault(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "cli.app", "-c", str(config), *args]
 
 
+def backed_up(tmp_path: Path, source: str, kind: str, url: str) -> tuple[Path, dict]:
+    """A config with one source in a file:// repository, initialised and backed up through the
+    CLI; (config path, environment for the CLI)."""
+    config = tmp_path / "statevault.toml"
+    config.write_text(f'[repository]\nurl = "{(tmp_path / "repo").as_uri()}"\n\n'
+                      f'[sources.{source}]\nkind = "{kind}"\nurl = "{url}"\n', encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (("init",), ("backup", source)):
+        subprocess.run(statevault(config, *args), cwd=ROOT, env=env, check=True, capture_output=True)
+    return config, env
+
+
 def sigterm_once(command: list[str], env: dict, started: Callable[[], bool]) -> tuple[int, str, str]:
     """Run `command`, send it SIGTERM as soon as `started()` says its work has begun, and
     return its (exit code, stdout, stderr); it is killed if it outlives the test."""
@@ -42,12 +54,7 @@ def test_sigterm_mid_restore_removes_the_keys_it_wrote(redis_url, fresh_redis_ur
     for i in range(100_000):
         pipe.set(f"history:u{i}", f"turn {i} " * 30, px=3_600_000)
     pipe.execute()
-    config = tmp_path / "statevault.toml"
-    config.write_text(f'[repository]\nurl = "{(tmp_path / "repo").as_uri()}"\n\n'
-                      f'[sources.history]\nkind = "redis"\nurl = "{source}"\n', encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for args in (("init",), ("backup", "history")):
-        subprocess.run(statevault(config, *args), cwd=ROOT, env=env, check=True, capture_output=True)
+    config, env = backed_up(tmp_path, "history", "redis", source)
 
     target = fresh_redis_url()
     t = redis.Redis.from_url(target)
@@ -71,12 +78,7 @@ def test_sigterm_mid_parallel_load_leaves_no_table_and_no_staging_schema(pg_url,
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE memories (id bigint PRIMARY KEY, body text NOT NULL);"
                      "INSERT INTO memories SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 300000) g")
-    config = tmp_path / "statevault.toml"
-    config.write_text(f'[repository]\nurl = "{(tmp_path / "repo").as_uri()}"\n\n'
-                      f'[sources.memory]\nkind = "postgres"\nurl = "{pg_url}"\n', encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for args in (("init",), ("backup", "memory")):
-        subprocess.run(statevault(config, *args), cwd=ROOT, env=env, check=True, capture_output=True)
+    config, env = backed_up(tmp_path, "memory", "postgres", pg_url)
 
     target = pg_database("svsigterm")
 
