@@ -23,11 +23,19 @@ snapshot (with its verification) into another, empty DB of the same server. Goal
 <= 1.0x for the backup.
 Best of --repeat runs, alternating. After each `redis-cli --rdb`, ours waits until the server's
 fork child has exited (wait_for_fork_exit): its teardown would otherwise land in our time.
+
+Also printed: the CPU seconds each side costs, medians of the runs (cpu_seconds): ours = this
+process (reader, upload threads) + the server; theirs = redis-cli + the server, its reaped fork
+child included. Half of a side's CPU is its floor on 2 cores: the wall ratio cannot drop below
+the CPU ratio's share of the machine, whatever the scheduling, so these lines tell a slow host
+(both CPUs grow alike, the wall ratio follows ours) from a regression.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +76,24 @@ def wait_for_fork_exit(server, timeout: float = 60) -> float:
             raise TimeoutError(f"redis-server {server.proc.pid} still has a child after {timeout} s")
         time.sleep(0.01)
     return time.monotonic() - started
+
+
+def process_cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds (user + system) a process has used, with its reaped children's if asked."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(v) for v in fields[11:15 if children else 13])  # utime stime [cutime cstime]
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu(in_process: bool) -> float:
+    """CPU seconds so far of this process (in_process) or of its waited-for children."""
+    import resource
+
+    if in_process:
+        t = os.times()
+        return t.user + t.system
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def fill(url: str, keys: int, seed: int) -> dict[str, int]:
@@ -132,19 +158,32 @@ def main(argv: list[str] | None = None) -> int:
             backup = Comparison("backup", "redis-cli --rdb", 1.0)
             rdb = work / "dump.rdb"
             info: dict = {}
+            cpu: dict[str, list[float]] = {"ours": [], "theirs": []}
+            pid = server.proc.pid
             for run in range(args.repeat):
+                c0, s0 = client_cpu(False), process_cpu(pid, children=True)
                 t, _ = timed(lambda: subprocess.run(
                     [REDIS_CLI, "-h", server.host, "-p", str(server.port), "--rdb", str(rdb)],
                     check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 backup.theirs.append(t)
                 info.setdefault("waited for the RDB fork to exit (s)", []).append(round(wait_for_fork_exit(server), 2))
+                # read after the wait: the fork child's CPU joins the server's account once reaped
+                cpu["theirs"].append(client_cpu(False) - c0 + process_cpu(pid, children=True) - s0)
                 repo_dir = work / f"repo{run}"
                 repo = open_repository(f"file://{repo_dir}", create=True)
+                c0, s0 = client_cpu(True), process_cpu(pid)
                 t, (manifest, stats) = timed(lambda: snapshot_source(repo, "history", cfg))
                 backup.ours.append(t)
+                cpu["ours"].append(client_cpu(True) - c0 + process_cpu(pid) - s0)
                 assert manifest.records >= args.keys, manifest.records
                 if run:
                     shutil.rmtree(work / f"repo{run - 1}")
+            ours_cpu, their_cpu = statistics.median(cpu["ours"]), statistics.median(cpu["theirs"])
+            cpus = os.cpu_count() or 1
+            info["cpu seconds, medians (client + server)"] = (
+                f"ours {ours_cpu:.2f}, redis-cli --rdb {their_cpu:.2f} ({ours_cpu / their_cpu:.1f}x); ours on "
+                f"{cpus} CPUs takes at least {ours_cpu / cpus:.2f} s of wall, "
+                f"{ours_cpu / cpus / backup.reference_s:.2f}x the reference's best")
             info["rdb size"] = f"{rdb.stat().st_size / 2**20:.1f} MiB"
             info["our repository size"] = (f"{dir_size(work / f'repo{args.repeat - 1}') / 2**20:.1f} MiB "
                                            f"({stats['chunks']} chunks, {stats['bytes_read'] / 2**20:.1f} MiB "
