@@ -54,6 +54,9 @@ def test_store_bench_prints_a_ratio_per_comparison(script, args, expected):
     assert "load average" in out
     if script == "bench_redis.py":  # the restore is timed too (RTO, no goal)
         assert re.search(r"restore \+ verify into an empty DB: [\d.]+ s \(write", out), out
+        # each side's CPU (client + server): both sides cost some, so both are above zero
+        cpu = re.search(r"cpu seconds, medians \(client \+ server\): ours ([\d.]+), redis-cli --rdb ([\d.]+)", out)
+        assert cpu and float(cpu[1]) > 0 and float(cpu[2]) > 0, out
 
 
 def test_store_bench_json_output_has_the_same_comparisons():
