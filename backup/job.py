@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 from backup.sources import open_source
 from snapshots.errors import StatevaultError
 from snapshots.manifest import Manifest, utcnow
+from snapshots.settings import redact_url
 from snapshots.repository import Repository
 from snapshots.retries import retry_call
 from snapshots.settings import Settings
@@ -86,6 +87,8 @@ def snapshot_source(repo: Repository, name: str, source_settings, *, tags: Itera
     source = open_source(source_settings, url=url, path=path)
     all_tags = list(source_settings.tags) + list(tags)
     with source.open(only=only) as cut:
+        if url or path:  # another server than the configured one (a pre-restore snapshot of a --to target)
+            cut.source_info["location"] = redact_url(url) or path
         writer = repo.begin_snapshot(name, source_settings.kind, tags=all_tags, backup_set=backup_set,
                                      source_info=cut.source_info,
                                      compression_level=source_settings.compression_level)

@@ -38,6 +38,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 
+from snapshots.errors import ConfigError
+
 SOURCE_SERIES = (
     "statevault_backup_last_success_timestamp_seconds", "statevault_backup_last_status",
     "statevault_backup_duration_seconds", "statevault_backup_attempts", "statevault_backup_records",
@@ -257,8 +259,13 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, health: Callable[[], tuple[bool, dict]],
                  host: str = "127.0.0.1", port: int = 9108):
-        self._httpd = make_server(host, port, metrics_app(registry, health), server_class=_Server,
-                                  handler_class=_QuietHandler)
+        try:
+            self._httpd = make_server(host, port, metrics_app(registry, health), server_class=_Server,
+                                      handler_class=_QuietHandler)
+        except (OSError, OverflowError) as exc:  # in use, not ours to bind, no such address
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}",
+                              hint="Another process may listen there: set daemon.metrics_port (or "
+                                   "--metrics-port) to a free port, 0 for any.") from None
         self.host, self.port = host, self._httpd.server_port
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()

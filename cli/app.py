@@ -46,7 +46,10 @@ for _optional in ("offline_cmd", "daemon_cmd", "drill_cmd", "demo_cmd"):
 def main(argv: list[str] | None = None) -> None:
     json_wanted = "--json" in (argv if argv is not None else sys.argv)
     try:
-        app(args=argv, standalone_mode=True)
+        if json_wanted:
+            _run_for_json(argv)
+        else:
+            app(args=argv, standalone_mode=True)
     except StatevaultError as exc:
         if json_wanted and not json_emitted():
             emit_json(exc.to_dict())
@@ -57,6 +60,23 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted; nothing was committed after the last completed step")
         sys.exit(1)
+
+
+def _run_for_json(argv: list[str] | None) -> None:
+    """The app with click's own handling of usage errors (a missing option, a bad value) off,
+    so that with --json they too are one JSON document on stdout, as every other error is."""
+    try:
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as n
+    except typer.Abort:
+        raise KeyboardInterrupt from None
+    except typer.TyperException as exc:  # typer's click: a usage error (ClickException)
+        code = getattr(exc, "exit_code", 2)
+        emit_json({"error": "UsageError", "message": exc.format_message(), "hint": "See --help.",
+                   "exit_code": code, "retryable": False})
+        exc.show()
+        sys.exit(code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

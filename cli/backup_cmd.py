@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.context import (console, emit_json, err_console, fmt_time, human_bytes, state, stopped_by_signals,
                          with_repository)
 from snapshots.errors import StatevaultError, UsageError, VerificationError
+from snapshots.settings import check_tags
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
@@ -62,6 +63,11 @@ def backup(ctx: typer.Context,
     settings = state(ctx).settings
     if not settings.sources:
         raise UsageError("no sources configured", hint="Add [sources.NAME] tables to the config file.")
+    try:
+        check_tags(tag or [])
+    except ValueError as exc:
+        raise UsageError(f"--tag {exc}") from None
+    sources = list(dict.fromkeys(sources)) if sources else sources  # `backup memory memory`: one snapshot
     printer = None if json else _progress_printer()
     # SIGTERM / Ctrl-C: the running source stops before its manifest (no snapshot, lease released)
     # and the rest do not start; a second signal stops at once
@@ -109,7 +115,8 @@ def restore(ctx: typer.Context,
             snapshot: Annotated[Optional[str], typer.Argument(
                 help="Snapshot id, prefix or `latest` (may be left out with --at).")] = None,
             source: Annotated[str, typer.Option("--source", "-s", help="The source whose snapshot to restore.")] = ...,
-            at: Annotated[Optional[str], typer.Option("--at", help="Newest snapshot at or before this time.")] = None,
+            at: Annotated[Optional[str], typer.Option("--at", help="Newest snapshot cut at or before this time (UTC unless an offset is given; a time in "
+                                      "whole seconds includes that whole second, so a time from `snapshots list` works).")] = None,
             only: Annotated[Optional[list[str]], typer.Option(
                 "--only", help="One table (public.memories), collection, or Redis key/pattern (history:u42).")] = None,
             to: Annotated[Optional[str], typer.Option("--to", help="Restore onto another server (URL).")] = None,
@@ -140,9 +147,10 @@ def restore(ctx: typer.Context,
         raise UsageError(f"give a snapshot id or --at, not both (got {snapshot} and --at {at})")
     settings = state(ctx).settings
     with with_repository(ctx) as repo:
-        if mode in ("replace", "swap") and not (yes or dry_run or json):
-            if not sys.stdin.isatty():
-                raise UsageError(f"--mode {mode} changes live data: pass --yes to confirm (no terminal to ask on)")
+        if mode in ("replace", "swap") and not (yes or dry_run):
+            if json or not sys.stdin.isatty():  # --json: stdout is for the one JSON document, not a question
+                why = "--json does not ask" if json else "no terminal to ask on"
+                raise UsageError(f"--mode {mode} changes live data: pass --yes to confirm ({why})")
             if not typer.confirm(f"Restore {snapshot} of {source} with --mode {mode} (live data is replaced)?"):
                 raise typer.Exit(1)
         try:
@@ -151,8 +159,8 @@ def restore(ctx: typer.Context,
                                           to_url=to, to_path=to_path, into=into, mode=mode, ttl=ttl,
                                           dry_run=dry_run, jobs=jobs)
         except VerificationError as exc:
-            if json and exc.report:
-                emit_json(exc.report)
+            if json and exc.report:  # the report (what differs, the pre-restore snapshot), and the error
+                emit_json({**exc.report, **{k: v for k, v in exc.to_dict().items() if k != "report"}})
             raise
     if json:
         emit_json(result.to_dict())
@@ -169,8 +177,8 @@ def restore(ctx: typer.Context,
         console.print("dry run: nothing was written")
         return
     if result.pre_restore_snapshot:
-        console.print(f"pre-restore snapshot: [bold]{result.pre_restore_snapshot}[/] (undo with `statevault restore "
-                      f"{result.pre_restore_snapshot} --source {source} --mode replace`)")
+        console.print(f"pre-restore snapshot: [bold]{result.pre_restore_snapshot}[/] (undo with "
+                      f"`{result.undo_command}`)", soft_wrap=True)
     for c in result.checks:
         console.print(f"[green]verified[/] {c.item} -> {c.target}: {c.actual_records:,} records, digest {c.actual_digest[:16]}")
     console.print(f"restored {result.records_restored:,} records in {result.restore_seconds:.1f}s, "

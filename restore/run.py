@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import compress
 from typing import Any, Callable, Iterator
 
 from backup.job import snapshot_source
@@ -27,7 +28,7 @@ from snapshots.codec import RecordDigest, batched
 from snapshots.errors import CorruptChunkError, StatevaultError, UsageError, VerificationError
 from snapshots.manifest import Manifest
 from snapshots.repository import Repository
-from snapshots.settings import Settings
+from snapshots.settings import Settings, redact_url
 
 MODES = ("new", "replace", "swap")
 TTL_MODES = ("keep", "reset", "none")
@@ -47,15 +48,28 @@ class RestoreResult:
     bytes_restored: int = 0
     restore_seconds: float = 0.0
     verify_seconds: float = 0.0
+    to_url: str | None = None   # --to, --to-path: where the restore went (and its undo must go)
+    to_path: str | None = None
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
+    @property
+    def undo_command(self) -> str | None:
+        """The command that puts back what a replace or swap overwrote, onto the same target (a
+        password in --to shows as ***: put it back in)."""
+        if not self.pre_restore_snapshot:
+            return None
+        where = (f" --to {redact_url(self.to_url)}" if self.to_url else "") + \
+                (f" --to-path {self.to_path}" if self.to_path else "")
+        return f"statevault restore {self.pre_restore_snapshot} --source {self.source}{where} --mode replace"
+
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "snapshot_id": self.snapshot_id, "cut_time": self.cut_time.isoformat(),
                 "mode": self.mode, "dry_run": self.dry_run, "plan": self.plans,
-                "pre_restore_snapshot": self.pre_restore_snapshot, "verified": self.ok and not self.dry_run,
+                "pre_restore_snapshot": self.pre_restore_snapshot, "undo_command": self.undo_command,
+                "verified": self.ok and not self.dry_run,
                 "checks": [c.to_dict() for c in self.checks], "records_restored": self.records_restored,
                 "bytes_restored": self.bytes_restored, "restore_seconds": round(self.restore_seconds, 3),
                 "verify_seconds": round(self.verify_seconds, 3)}
@@ -77,14 +91,30 @@ class _Tee:
         self.digest = RecordDigest(plan.item.digest_algo)
         self.bytes = 0
         self.filtered = plan.record_filter is not None or written is not None
+        # every record of the item, when the target skips some (Redis: keys expired under --ttl
+        # keep): what the manifest's count and digest are checked against
+        self.whole = RecordDigest(plan.item.digest_algo) if plan.record_filter is None and written else None
+
+    @property
+    def item_digest(self) -> RecordDigest | None:
+        """The digest of all the item's records as read, or None for a partial restore (--only)."""
+        return self.whole if self.filtered else self.digest
 
     def __iter__(self) -> Iterator[bytes]:
         keep, written, canonical = self._plan.record_filter, self._written, self._canonical
+        whole = self.whole
         for records in self._blocks:
             if keep is not None:
                 records = list(filter(keep, records))
-            counted = records if written is None else list(filter(written, records))
-            self.digest.update(counted if canonical is None else map(canonical, counted))
+            if whole is not None:
+                canon = records if canonical is None else list(map(canonical, records))
+                whole.update(canon)
+                kept = list(map(written, records))
+                counted = list(compress(records, kept))
+                self.digest.update(compress(canon, kept))
+            else:
+                counted = records if written is None else list(filter(written, records))
+                self.digest.update(counted if canonical is None else map(canonical, counted))
             self.bytes += sum(map(len, counted))
             if self.log is not None:
                 self.log.add(counted)
@@ -114,7 +144,7 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
     cfg = settings.source(source)
     manifest = repo.resolve(ref, source=source, at=at)
     result = RestoreResult(source=source, snapshot_id=manifest.id, cut_time=manifest.cut_time, mode=mode,
-                           dry_run=dry_run)
+                           dry_run=dry_run, to_url=to_url, to_path=to_path)
     options = RestoreOptions(mode=mode, ttl=ttl, jobs=jobs)  # type: ignore[arg-type]
 
     target = open_target(cfg, url=to_url, path=to_path)
@@ -139,7 +169,7 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
             try:
                 _write(repo, target, plans, options, manifest, source, result, tees, progress)
             except BaseException as exc:
-                _after_failed_write(target, plans[:len(tees) + 1], exc, result, source)
+                _after_failed_write(target, plans[:len(tees) + 1], exc, result)
                 raise
             finish = getattr(target, "finish", None)
             if finish is not None:  # foreign keys: a violation keeps the data (the error names them)
@@ -160,8 +190,7 @@ def restore_snapshot(repo: Repository, settings: Settings, source: str, ref: str
             f"restore of {source} snapshot {manifest.id} did not verify: {names}",
             report=result.to_dict(),
             hint="The target differs from the snapshot; see the report. "
-                 + (f"Undo with: statevault restore {result.pre_restore_snapshot} --source {source} --mode replace"
-                    if result.pre_restore_snapshot else ""))
+                 + (f"Undo with: {result.undo_command}" if result.undo_command else ""))
     return result
 
 
@@ -182,6 +211,15 @@ def _write(repo: Repository, target, plans: list[ItemPlan], options: RestoreOpti
                 f"snapshot {manifest.id} item {plan.item.name}: {exc.message}", chunk_id=exc.chunk_id,
                 hint=f"This snapshot is damaged: restore an older one (statevault snapshots list --source "
                      f"{source}) and run `statevault snapshots check --read-data`.") from exc
+        read = tee.item_digest
+        if read is not None and (read.count, read.hexdigest) != (plan.item.records, plan.item.digest):
+            # chunk hashes matched but the records do not add up: the manifest itself is wrong.
+            # Raised here, inside the write, so the runner undoes it and names the pre-restore snapshot.
+            raise VerificationError(f"snapshot {manifest.id} item {plan.item.name} does not match its manifest: "
+                                    f"{_differs(read, plan.item)}",
+                                    hint=f"The manifest was damaged or edited: run `statevault snapshots check "
+                                         f"--read-data`, and restore an older snapshot (statevault snapshots list "
+                                         f"--source {source}).")
         tees.append(tee)
         result.records_restored += tee.digest.count
         result.bytes_restored += tee.bytes
@@ -199,8 +237,17 @@ def _written_blocks(repo: Repository, target, plan: ItemPlan, options: RestoreOp
     return batched(cut(record for block in blocks for record in block), 4096)
 
 
-def _after_failed_write(target, plans: list[ItemPlan], exc: BaseException, result: RestoreResult,
-                        source: str) -> None:
+def _differs(digest: RecordDigest, item) -> str:
+    """What the records read say against what the manifest records, in words."""
+    said = []
+    if digest.count != item.records:
+        said.append(f"{digest.count:,} records read, {item.records:,} recorded")
+    if digest.hexdigest != item.digest:
+        said.append(f"content digest {digest.hexdigest[:16]}… read, {item.digest[:16]}… recorded")
+    return "; ".join(said)
+
+
+def _after_failed_write(target, plans: list[ItemPlan], exc: BaseException, result: RestoreResult) -> None:
     """A restore failed after writing began: the target undoes what it can (a store without a
     transaction: Redis removes the keys a mode-new restore wrote, Qdrant drops the collections it
     created), and the error says so, or what is left and how to put the replaced data back."""
@@ -224,8 +271,10 @@ def _after_failed_write(target, plans: list[ItemPlan], exc: BaseException, resul
     exc.message = f"{exc.message} (restore stopped: {'; '.join(said)})"
     exc.args = (exc.message,)
     if result.pre_restore_snapshot:
-        exc.hint = (f"{exc.hint} Put the replaced data back with: statevault restore "
-                    f"{result.pre_restore_snapshot} --source {source} --mode replace").strip()
+        exc.hint = f"{exc.hint} Put the replaced data back with: {result.undo_command}".strip()
+        if isinstance(exc, VerificationError):  # --json: the id and the command as fields too
+            exc.report = {**exc.report, "pre_restore_snapshot": result.pre_restore_snapshot,
+                          "undo_command": result.undo_command}
 
 
 def _canonical(target, plan: ItemPlan) -> Callable[[bytes], bytes]:
@@ -238,11 +287,7 @@ def _verify(repo: Repository, target, plan: ItemPlan, tee: _Tee, jobs: int = 2) 
     if tee.filtered:
         exp_count, exp_digest = tee.digest.count, tee.digest.hexdigest
     else:
-        exp_count, exp_digest = item.records, item.digest
-        if (tee.digest.count, tee.digest.hexdigest) != (exp_count, exp_digest):
-            # chunk hashes matched but the records do not add up: the manifest itself is wrong
-            raise VerificationError(f"snapshot item {item.name} does not match its manifest "
-                                    f"({tee.digest.count} records read, {exp_count} recorded)")
+        exp_count, exp_digest = item.records, item.digest  # the tee's equal them (_write checked)
     canon = _canonical(target, plan)
     identity = getattr(target, "canonical_is_identity", False)
     parts = getattr(target, "read_back_parts", None)

@@ -30,6 +30,46 @@ def _check_cron(expr: str) -> str:
     return expr
 
 
+_SCHEMES = {"postgres": ("postgresql", "postgres"), "redis": ("redis", "rediss", "unix"),
+            "qdrant": ("http", "https")}
+
+
+def check_server_url(kind: str, url: str) -> str:
+    """`url` if it can name a server of `kind`, else ValueError saying why: a URL of another
+    kind (a redis:// URL for a PostgreSQL source) or a Redis DB index that is not a number
+    (redis-py would quietly use DB 0, which may be the live keyspace). A PostgreSQL key=value
+    connection string (no "://") is left to libpq."""
+    if kind == "postgres" and "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"{redact_url(url)} is not a URL ({exc})") from None
+    schemes = _SCHEMES[kind]
+    if parts.scheme not in schemes:
+        raise ValueError(f"{redact_url(url)} is not a {kind} URL: use {' or '.join(s + '://' for s in schemes)}")
+    if kind == "redis" and parts.scheme != "unix":
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{redact_url(url)}: the Redis DB index {db!r} is not a number (redis://host:port/1)")
+    return url
+
+
+_TAG = re.compile(r"[A-Za-z0-9_.:@/+=-]+")
+RESERVED_TAGS = ("pre-restore", "restore-of-")  # set by restores; `latest` skips pre-restore snapshots
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    """`tags` if each is a tag a user may set, else ValueError: no spaces or commas (a retention
+    rule's keep_tags entry is a comma-separated list), and not one that restores set."""
+    for tag in tags:
+        if not _TAG.fullmatch(tag):
+            raise ValueError(f"tag {tag!r}: use letters, digits and _ . : @ / + = - (no spaces or commas)")
+        if tag == RESERVED_TAGS[0] or tag.startswith(RESERVED_TAGS[1]):
+            raise ValueError(f"tag {tag!r} is set by restores (their pre-restore snapshots): choose another")
+    return tags
+
+
 def _check_duration(value: str | None) -> str | None:
     if value is None:
         return None
@@ -129,6 +169,11 @@ class SourceBase(Frozen):
     def _cron(cls, v: str) -> str:
         return _check_cron(v)
 
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        return check_tags(v)
+
 
 class PostgresSource(SourceBase):
     kind: Literal["postgres"]
@@ -137,12 +182,22 @@ class PostgresSource(SourceBase):
     tables: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_server_url("postgres", v)
+
 
 class RedisSource(SourceBase):
     kind: Literal["redis"]
     url: str = "redis://localhost:6379/0"
     patterns: list[str] = Field(default_factory=lambda: ["*"])
     schedule: str = "*/15 * * * *"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_server_url("redis", v)
 
 
 class QdrantSource(SourceBase):
@@ -158,6 +213,8 @@ class QdrantSource(SourceBase):
     def _where(self) -> "QdrantSource":
         if bool(self.url) == bool(self.path):
             raise ValueError("a qdrant source needs exactly one of url or path")
+        if self.url:
+            check_server_url("qdrant", self.url)
         return self
 
 
@@ -172,7 +229,7 @@ class DaemonSettings(Frozen):
     drill_schedule: str | None = "0 6 * * 0"
     misfire_grace_seconds: int = Field(3600, ge=1)
     shutdown_timeout_seconds: int = Field(300, ge=0)
-    metrics_port: int = 9108
+    metrics_port: int = Field(9108, ge=0, le=65535)  # 0: any free port
     metrics_host: str = "127.0.0.1"
     retry_attempts: int = Field(5, ge=1)
     retry_max_wait_seconds: float = Field(60.0, gt=0)
