@@ -259,6 +259,15 @@ def redis_pttls(url: str, pattern: str = "history:*") -> dict[bytes, int]:
         return {k: r.pttl(k) for k in sorted(r.scan_iter(pattern))}
 
 
+def redis_expiry_times(url: str, pattern: str = "history:*") -> dict[bytes, int]:
+    """Each key's absolute expiry (PEXPIRETIME, Redis 7+: ms since the epoch; -1 none): unlike a
+    PTTL it does not change while the test runs, so `--ttl keep` can be checked exactly."""
+    import redis
+
+    with redis.Redis.from_url(url) as r:
+        return {k: r.pexpiretime(k) for k in sorted(r.scan_iter(pattern))}
+
+
 def qdrant_points(path: Path, collection: str) -> dict[Any, tuple]:
     """id -> (rounded unit vector, payload) of every point.
 

@@ -19,7 +19,7 @@ TOLERANCE_MS = 3000
 def test_one_users_conversation_lost(agent_env):
     sv, url = agent_env.sv, agent_env.redis_url
     sv.setup("backup", "history")
-    before, ttls = rh.redis_state(url), rh.redis_pttls(url)
+    before, expiries = rh.redis_state(url), rh.redis_expiry_times(url)
     r = redis.Redis.from_url(url)
     r.delete("history:u42")                      # the incident
     r.set("history:u7", "changed since the backup")
@@ -29,7 +29,7 @@ def test_one_users_conversation_lost(agent_env):
     res = sv.run("statevault restore latest --source history --only history:u42")
     assert "verified history:* -> history:*: 1 records" in res.stdout
     assert r.get("history:u42") == before[b"history:u42"][1]
-    assert abs(r.pttl("history:u42") - ttls[b"history:u42"]) < TOLERANCE_MS   # --ttl keep: same expiry
+    assert r.pexpiretime("history:u42") == expiries[b"history:u42"] > 0     # --ttl keep: the same expiry
     assert r.get("history:u7") == b"changed since the backup"                 # other users untouched
 
     r.set("history:u42", "the wrong conversation")
@@ -84,7 +84,7 @@ def test_memory_corrupted_at_a_known_time(agent_env):
 def test_whole_redis_lost(agent_env):
     sv, url = agent_env.sv, agent_env.redis_url
     sv.setup("backup", "history")
-    before, ttls = rh.redis_state(url), rh.redis_pttls(url)
+    before, expiries, ttls = rh.redis_state(url), rh.redis_expiry_times(url), rh.redis_pttls(url)
     r = redis.Redis.from_url(url)
     r.flushdb()                                    # the incident
 
@@ -93,16 +93,21 @@ def test_whole_redis_lost(agent_env):
     res = sv.run("statevault restore latest --source history")
     assert "verified history:* -> history:*: 61 records" in res.stdout
     assert rh.redis_state(url) == before and not r.exists("session:u42")   # only the source's patterns
-    after = rh.redis_pttls(url)
-    assert all(abs(after[k] - ttls[k]) < TOLERANCE_MS for k in ttls if ttls[k] > 0)   # same absolute expiry
-    assert after[b"history:u42:events"] == -1                                       # had none, has none
+    after = rh.redis_expiry_times(url)
+    assert after == expiries and any(x > 0 for x in after.values())   # the same absolute expiries
+    assert after[b"history:u42:events"] == -1                        # had none, has none
     res = sv.run("statevault verify latest --source history")
     assert "same" in res.stdout
 
     r.flushdb()
+    started = r.time()
     sv.run("statevault restore latest --source history --ttl reset")
+    ended = r.time()
     assert rh.redis_state(url) == before
-    assert all(abs(r.pttl(k) - ttls[k]) < TOLERANCE_MS for k in ttls if ttls[k] > 0)
+    # each key's TTL at the backup, counted from a moment during the restore
+    lo, hi = (s * 1000 + us // 1000 for s, us in (started, ended))
+    assert all(lo + ttls[k] - TOLERANCE_MS <= r.pexpiretime(k) <= hi + ttls[k] + TOLERANCE_MS
+               for k in ttls if ttls[k] > 0)
     r.flushdb()
     res = sv.run("statevault restore latest --source history --ttl none --json").json
     assert res["verified"] and res["records_restored"] == 61
