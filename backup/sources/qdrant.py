@@ -70,13 +70,18 @@ class QdrantHandle:
 
 
 _LOCAL_CLIENTS: dict[str, list] = {}  # realpath -> [client, handles open]
+LOCAL_META = "meta.json"  # qdrant_client.local.qdrant_local.META_INFO_FILENAME: written when a store is created
 _LOCAL_LOCK = threading.Lock()
 
 
 def connect_qdrant(url: str | None = None, path: str | None = None, api_key: str | None = None,
-                   timeout: int = 60) -> QdrantHandle:
+                   timeout: int = 60, *, existing: bool = False) -> QdrantHandle:
     """Open a client on a server (`url`) or a local-mode directory (`path`). Connecting is lazy
-    for servers: the first call reports an unreachable one (as a retryable SourceError)."""
+    for servers: the first call reports an unreachable one (as a retryable SourceError).
+
+    Local mode creates the directory of a store it opens: `existing=True` (reading a store:
+    backup, verify) refuses a `path` that is not a directory instead (SourceError naming it),
+    so a typo in the path fails rather than backing up a new empty store it made."""
     from qdrant_client import QdrantClient
 
     if bool(url) == bool(path):
@@ -89,10 +94,21 @@ def connect_qdrant(url: str | None = None, path: str | None = None, api_key: str
     with _LOCAL_LOCK:
         entry = _LOCAL_CLIENTS.get(key)
         if entry is None:
+            if existing and not os.path.isdir(key):
+                what = "it is not a directory" if os.path.exists(key) else "the directory does not exist"
+                raise SourceError(f"no Qdrant local store at {path}: {what}",
+                                  hint="Check the source's `path` in the config (or its STATEVAULT_SOURCES__"
+                                       "<NAME>__PATH override); nothing was created there.")
             with qdrant_call(f"open local Qdrant at {path}"):
                 entry = _LOCAL_CLIENTS[key] = [QdrantClient(path=str(path)), 0]
         entry[1] += 1
         return QdrantHandle(entry[0], True, key)
+
+
+def local_store_exists(path: str) -> bool:
+    """Whether `path` holds a local-mode store (its meta.json): opening a directory without one
+    writes it (and the directory), so a read-only look at a store that is not there must not open it."""
+    return os.path.isfile(os.path.join(str(path), LOCAL_META))
 
 
 def translate_qdrant_error(exc: BaseException, what: str) -> StatevaultError:
@@ -245,7 +261,7 @@ class QdrantSource:
     @contextmanager
     def open(self, only: list[str] | None = None) -> Iterator[QdrantCut]:
         s = self.settings
-        handle = connect_qdrant(s.url, s.path, s.api_key)
+        handle = connect_qdrant(s.url, s.path, s.api_key, existing=True)
         try:
             client = handle.client
             if handle.local:

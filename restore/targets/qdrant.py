@@ -26,9 +26,11 @@ Modes (`plan` refuses before any write):
       old collection's data is gone from Qdrant after this step: take a pre-restore snapshot
       (the plan's backup_selector names it).
     * `<name>` does not exist: the alias is created.
-  A swap killed before the switch leaves the live collection untouched; the half-filled staging
-  collection is left behind (no alias points at it, the source does not back it up) and is
-  deleted by the next swap of that name once more than a day old.
+  A swap that fails or does not verify before its switch leaves the live collection untouched
+  and drops its staging collection (`undo` after a failed write, `close` after a failed
+  verification or any other stop before the switch). A swap KILLED before the switch leaves
+  the half-filled staging collection behind (no alias points at it, the source does not back
+  it up); the next swap of that name deletes it once more than a day old.
 
 A restore that fails (rather than being killed) undoes what it wrote: `undo` drops a
 collection mode new created and a swap's staging collection, and deletes the points mode new
@@ -39,12 +41,15 @@ Vector layout gate: an existing target collection whose vector names, sizes, dis
 datatypes or sparse vector names differ from the snapshot's is refused (IncompatibleTargetError)
 in every mode; restore `--into` a new name instead.
 
-Local mode (qdrant-client `path`): re-normalises Cosine vectors on every upsert, so a snapshot
-taken from a *server* and restored into local mode may differ in the last bit of some Cosine
-vector components; the plan says so, and `classify` names such differences in diff reports.
+Local mode (qdrant-client `path`): a store is created when a restore first writes to it; `plan`
+(and so a dry run) takes a path without a store for an empty one and creates nothing. Local
+mode re-normalises Cosine vectors on every upsert, so a snapshot taken from a *server* and
+restored into local mode may differ in the last bit of some Cosine vector components; the plan
+says so, and `classify` names such differences in diff reports.
 """
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import tempfile
@@ -55,7 +60,7 @@ from typing import Any, Iterator
 import orjson
 
 from backup.sources.qdrant import (ITEM_KIND, STAGING_MARK, QdrantHandle, connect_qdrant, iter_collection_records,
-                                   qdrant_call)
+                                   local_store_exists, qdrant_call)
 from backup.sources.qdrant_config import (SCHEMA_FORMAT, collection_schema, create_collection_kwargs,
                                           describe_difference, payload_index_ops, signature, vector_layout)
 from backup.sources.qdrant_records import FORMATS, decode_record
@@ -69,6 +74,7 @@ UPSERT_BATCH = 256
 MAX_BATCH_BYTES = 8 << 20
 STALE_AFTER = timedelta(days=1)
 _STAMP = re.compile(re.escape(STAGING_MARK) + r"(\d{14})[0-9a-f]{4}$")
+log = logging.getLogger("statevault.restore.qdrant")
 
 
 def staging_age(name: str, now: datetime) -> timedelta | None:
@@ -90,7 +96,8 @@ class QdrantTarget:
             raise UsageError("a Qdrant target needs exactly one of url or path")
         self.url, self.path, self.api_key = url, path, api_key
         self._handle: QdrantHandle | None = None
-        self._created: list[tuple[ItemPlan, str]] = []  # collections restore() created, for undo
+        # collections restore() created, for undo; a swap's staging copy until its switch, for close
+        self._created: list[tuple[ItemPlan, str]] = []
         self._written: list[tuple[ItemPlan, str, Any]] = []  # (plan, collection, ids file): mode new, existing
 
     # ---- connection ----------------------------------------------------------------------
@@ -105,10 +112,35 @@ class QdrantTarget:
         return self.handle.client
 
     def close(self) -> None:
-        self._forget_writes()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Drop the staging collections of swaps that were never switched in (their verification
+        failed, or the run stopped before the switch: no alias points at them), then let go of
+        the client. Collections a mode-new restore created are kept."""
+        try:
+            self._discard_staging()
+        finally:
+            self._forget_writes()
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+    def _discard_staging(self) -> None:
+        """Best effort: never mask the error that brought us here (a later swap of the name
+        drops a left-over once it is more than a day old)."""
+        for plan, name in self._created:
+            if plan.action != "swap":
+                continue
+            try:
+                with qdrant_call(f"drop staging collection {name!r}"):
+                    self.client.delete_collection(name)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                log.warning("the staging collection %s of a swap that was not switched in is left behind (%s); "
+                            "no alias points at it: delete it, or a later swap of %r does", name, exc, plan.target)
+            else:
+                log.info("dropped the staging collection %s of a swap that was not switched in", name)
+
+    def _store_missing(self) -> bool:
+        """A local-mode path without a store: opening it would create one (directory included)."""
+        return self.path is not None and self._handle is None and not local_store_exists(self.path)
 
     def _aliases(self) -> dict[str, str]:
         with qdrant_call("list aliases"):
@@ -133,8 +165,13 @@ class QdrantTarget:
             items = [i for i in items if i.name in set(only)]
         if into is not None and len(items) != 1:
             raise UsageError("--into names one collection: give exactly one --only")
-        aliases, physical = self._aliases(), self._collections()
-        return [self._plan_item(item, into or item.name, mode, aliases, physical) for item in items]
+        missing = self._store_missing()  # planned as an empty store, not opened: a dry run creates nothing
+        aliases, physical = ({}, set()) if missing else (self._aliases(), self._collections())
+        plans = [self._plan_item(item, into or item.name, mode, aliases, physical) for item in items]
+        if missing:
+            for plan in plans:
+                plan.notes.append(f"no Qdrant local store at {self.path} yet: the restore creates it")
+        return plans
 
     def _plan_item(self, item: Item, name: str, mode: str, aliases: dict[str, str], physical: set[str]) -> ItemPlan:
         if item.format not in FORMATS:
@@ -200,7 +237,7 @@ class QdrantTarget:
                         notes=notes, details=details)
 
     def _local_notes(self, item: Item) -> list[str]:
-        if not self.handle.local:
+        if self.path is None:  # a server (the handle's `local`, without opening it)
             return []
         notes = []
         cosine = any(p.get("distance") == "Cosine" for p in (item.schema.get("vectors") or {}).values())
@@ -332,6 +369,8 @@ class QdrantTarget:
                 continue
             d = plan.details
             name, staging = d["collection"], d["staging"]
+            # from here the staging copy is, or may become, what the name points at: close keeps it
+            self._created = [(p, c) for p, c in self._created if p is not plan]
             if d["alias"]:
                 self._alias_ops([models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=name)),
                                  _create_alias(name, staging)], f"switch alias {name!r} to {staging!r}")
