@@ -12,6 +12,11 @@ are not items, their partitions are (each restores as a standalone table). `open
 names tables exactly ("schema.table", or "table" for public.table) and overrides the
 config's selection: a pre-restore snapshot must cover what a restore replaces even when that
 table is outside the configured patterns. An `only` name that is not a table is a NotFoundError.
+So is a configured selection that backs up nothing (the source fails, as with a Qdrant
+`collections` typo, instead of committing an empty snapshot that would become `latest`): a
+`tables` entry without glob characters that names no table, or a selection (after `exclude`)
+that matches no table at all, including the default on a database without user tables. A glob
+that matches nothing beside entries that match something is fine.
 
 The cut: the first statement of the transaction takes the snapshot; `cut_time` is that
 statement's `statement_timestamp()` (UTC), taken a hair before the snapshot: every row
@@ -56,11 +61,11 @@ from __future__ import annotations
 import fnmatch
 from contextlib import contextmanager
 from datetime import timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from backup.sources.base import ItemSpec
-from backup.sources.postgres_schema import (FORMAT, connect, copy_out_rows, copy_out_sql, describe_table, list_tables, pg_errors,
-                                            resolve_table_name)
+from backup.sources.postgres_schema import (FORMAT, connect, copy_out_rows, copy_out_sql, describe_table, find_table,
+                                            list_tables, pg_errors, resolve_table_name)
 from snapshots.errors import NotFoundError, SourceError
 from snapshots.settings import PostgresSource as PostgresSettings
 from snapshots.settings import redact_url
@@ -73,20 +78,68 @@ def _matches(pattern: str, schema: str, table: str) -> bool:
     return fnmatch.fnmatchcase(table, pattern)
 
 
+_GLOB_CHARS = frozenset("*?[")
+SELECTION_HINT = ("Check `tables` (and `exclude`) in the source config: schema.table globs, or a table name in "
+                  "any schema; default every user table. Only ordinary tables and partitions are backed up.")
+
+
+def _known(tables: list[tuple[int, str, str]], limit: int = 20) -> str:
+    names = ", ".join(f"{s}.{t}" for _, s, t in tables[:limit]) + (" ..." if len(tables) > limit else "")
+    return names or "none"
+
+
 def select_tables(tables: list[tuple[int, str, str]], patterns: list[str], exclude: list[str],
-                  only: list[str] | None) -> list[tuple[int, str, str]]:
-    """Apply the config's globs, or `only`'s exact names (see module docstring)."""
+                  only: list[str] | None, explain: Callable[[str], str | None] | None = None
+                  ) -> list[tuple[int, str, str]]:
+    """Apply the config's globs, or `only`'s exact names (see module docstring).
+
+    A selection that backs up nothing is a NotFoundError rather than an empty snapshot that
+    would become `latest`: a configured name without glob characters that is no table (a
+    typo), or a whole selection that matches no table (globs matching nothing beside others
+    that match are fine). `explain(pattern)` may say what a missing exact name is instead
+    (a view, a partitioned parent)."""
     if only:
         wanted = {resolve_table_name(n) for n in only}
         chosen = [t for t in tables if (t[1], t[2]) in wanted]
         missing = wanted - {(t[1], t[2]) for t in chosen}
         if missing:
             names = ", ".join(f"{s}.{t}" for s, t in sorted(missing))
-            known = ", ".join(f"{s}.{t}" for _, s, t in tables[:20]) + (" ..." if len(tables) > 20 else "")
-            raise NotFoundError(f"no table {names} in the database (tables: {known or 'none'})")
+            raise NotFoundError(f"no table {names} in the database (tables: {_known(tables)})")
         return chosen
-    return [t for t in tables
-            if any(_matches(p, t[1], t[2]) for p in patterns) and not any(_matches(p, t[1], t[2]) for p in exclude)]
+    patterns = list(dict.fromkeys(patterns))
+    unmatched = [p for p in patterns if not any(_matches(p, s, t) for _, s, t in tables)]
+    typos = [p for p in unmatched if not _GLOB_CHARS.intersection(p)]
+    if typos:
+        notes = [f"{p!r} is {note}" for p in typos if (note := explain(p) if explain else None)]
+        raise NotFoundError(f"tables selector{'s' if len(typos) > 1 else ''} {', '.join(map(repr, typos))} "
+                            f"match{'' if len(typos) > 1 else 'es'} no table in the database"
+                            + (f" ({'; '.join(notes)})" if notes else "") + f" (tables: {_known(tables)})",
+                            hint=SELECTION_HINT)
+    matched = [t for t in tables if any(_matches(p, t[1], t[2]) for p in patterns)]
+    chosen = [t for t in matched if not any(_matches(p, t[1], t[2]) for p in exclude)]
+    if chosen:
+        return chosen
+    if not tables:
+        raise NotFoundError("the database has no user tables: nothing to back up", hint=SELECTION_HINT)
+    if matched:
+        raise NotFoundError(f"every table that tables = {patterns!r} selects is excluded by exclude = {exclude!r}: "
+                            f"nothing to back up (selected: {_known(matched)})", hint=SELECTION_HINT)
+    raise NotFoundError(f"tables = {patterns!r} matches no table in the database: nothing to back up "
+                        f"(tables: {_known(tables)})", hint=SELECTION_HINT)
+
+
+def _explain_missing(conn) -> Callable[[str], str | None]:
+    """What a configured exact name that is no selectable table is, when it is something."""
+    kinds = {"p": "a partitioned table: its partitions are the items (select them, e.g. with a glob)",
+             "v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence", "i": "an index"}
+
+    def explain(pattern: str) -> str | None:
+        if "." not in pattern:
+            return None
+        found = find_table(conn, *pattern.split(".", 1))
+        return kinds.get(found[1], f"not an ordinary table (relkind {found[1]!r})") if found else None
+
+    return explain
 
 
 class PostgresCut:
@@ -135,7 +188,8 @@ class PostgresSource:
     @contextmanager
     def open(self, only: list[str] | None = None) -> Iterator[PostgresCut]:
         """Open the consistent cut; raises SourceError (retryable when transient) if the server
-        cannot be reached, NotFoundError for an `only` name that is not a table."""
+        cannot be reached, NotFoundError for an `only` name that is not a table and for a
+        config selection that backs up nothing (see select_tables)."""
         import psycopg
         from psycopg import IsolationLevel, sql
 
@@ -151,7 +205,8 @@ class PostgresSource:
                     "SELECT pg_catalog.statement_timestamp(), pg_catalog.current_setting('server_version'), "
                     "pg_catalog.current_setting('server_version_num')::int, pg_catalog.current_database(), "
                     "pg_catalog.txid_current_snapshot()::text").fetchone()
-                tables = select_tables(list_tables(conn), self.settings.tables, self.settings.exclude, only)
+                tables = select_tables(list_tables(conn), self.settings.tables, self.settings.exclude, only,
+                                       _explain_missing(conn))
                 if tables:
                     try:
                         conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
