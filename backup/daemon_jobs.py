@@ -140,7 +140,7 @@ def run_check_job(daemon: "Daemon", repo: "Repository", settings: Settings, spec
     from snapshots.check import check_repository
 
     report = check_repository(repo, subset_percent=float(settings.daemon.check_subset[:-1]), abort=daemon.abort)
-    problems = len(report.problems) + len(report.manifest_errors)
+    problems = len(report.problems) + len(report.manifest_errors) + len(report.item_problems)
     error = None if report.ok else (f"{problems} problem(s); broken snapshots: "
                                     + ", ".join(report.broken_snapshots[:10]))
     return JobReport(ok=report.ok, error=error, detail={"problems": problems, "chunks_read": report.chunks_read,

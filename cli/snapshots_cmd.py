@@ -5,6 +5,7 @@ import re
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli import retention_cmd
@@ -21,11 +22,14 @@ locks_app = typer.Typer(help="Leases held on the repository.", no_args_is_help=T
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 SourceOpt = Annotated[Optional[str], typer.Option("--source", "-s", help="Only this source.")]
+SHOW_CHECKED = 20  # snapshots whose digest-checked items `check --read-data-subset` lists
 
 
 @app.command("list")
 def list_(ctx: typer.Context, source: SourceOpt = None, json: JsonOpt = False) -> None:
-    """Every snapshot, oldest first."""
+    """Every snapshot, oldest first. Cut times are shown in UTC to the second (--json: in full); a
+    listed time given to `restore --at` picks that snapshot, as --at in whole seconds means the
+    end of that second."""
     with with_repository(ctx) as repo:
         manifests = repo.list_snapshots(source=source)
         errors = [e.message for e in repo.manifest_errors]
@@ -77,32 +81,62 @@ def _subset(value: str | None) -> float | None:
 
 @app.command()
 def check(ctx: typer.Context,
-          read_data: Annotated[bool, typer.Option("--read-data", help="Re-read and re-hash every chunk.")] = False,
-          read_data_subset: Annotated[Optional[str], typer.Option("--read-data-subset", metavar="N%",
-                                                                  help="Re-read a random N% of chunks.")] = None,
+          read_data: Annotated[bool, typer.Option(
+              "--read-data", help="Re-read and re-hash every chunk, and recompute every item's record count and "
+                                  "digest from its records.")] = False,
+          read_data_subset: Annotated[Optional[str], typer.Option(
+              "--read-data-subset", metavar="N%", help="Re-read a random N% of chunks (instead of --read-data); "
+                                                       "items whose chunks were all read get their count and "
+                                                       "digest recomputed.")] = None,
           json: JsonOpt = False) -> None:
-    """Prove every snapshot's chunks exist (and are intact). Exit 3 names what is broken."""
+    """Prove every snapshot's chunks exist (and are intact, and add up to each item's count and digest).
+    Exit 3 names what is broken."""
+    if read_data and read_data_subset is not None:
+        raise UsageError("--read-data and --read-data-subset are mutually exclusive: every chunk, or a subset",
+                         hint="Give one of them; nothing was read.")
+    subset = _subset(read_data_subset)
     with with_repository(ctx) as repo:
-        report = check_repository(repo, read_data=read_data, subset_percent=_subset(read_data_subset))
+        report = check_repository(repo, read_data=read_data, subset_percent=subset)
     if json:
         emit_json(report.to_dict())
     else:
-        console.print(f"{report.snapshots} snapshots, {report.chunks_referenced} chunks referenced, "
-                      f"{report.chunks_read} read ({human_bytes(report.bytes_read)})")
-        for p in report.problems:
-            console.print(f"[red]{p['problem']} chunk[/] {p['chunk']} breaks snapshots: {', '.join(p['snapshots'])}")
-        for e in report.manifest_errors:
-            console.print(f"[red]unreadable manifest:[/] {e}")
-        if report.ok:
-            console.print("[green]no problems found[/]")
+        _print_check(report, subset)
     if not report.ok:
         raise VerificationError(
-            f"check found {len(report.problems)} damaged or missing chunks and {len(report.manifest_errors)} "
-            f"unreadable manifests; broken snapshots: {', '.join(report.broken_snapshots) or 'none'}",
+            f"check found {len(report.problems)} damaged or missing chunks, {len(report.item_problems)} items whose "
+            f"manifest does not match their data and {len(report.manifest_errors)} unreadable manifests; broken "
+            f"snapshots: {', '.join(report.broken_snapshots) or 'none'}",
             report=report.to_dict(),
             hint="Restore from an unbroken snapshot. To repair: forget the broken snapshots, run `statevault "
                  "snapshots prune --grace 0h` (deletes the damaged chunks nothing references any more), then a new "
                  "backup uploads them again.")
+
+
+def _print_check(report, subset: float | None) -> None:
+    console.print(f"{report.snapshots} snapshots, {report.chunks_referenced} chunks referenced, "
+                  f"{report.chunks_read} read ({human_bytes(report.bytes_read)})")
+    if report.chunks_read or report.digest_checked:
+        checked = report.items_digest_checked
+        console.print(f"record counts and digests recomputed for {checked} of {report.items} items"
+                      + (" (those whose every chunk was read)" if subset is not None and subset < 100 else ""))
+        if subset is not None and subset < 100:
+            shown = list(report.digest_checked.items())
+            for sid, names in shown[:SHOW_CHECKED]:
+                console.print(f"  {sid}: {escape(', '.join(names))}", soft_wrap=True)
+            if len(shown) > SHOW_CHECKED:
+                console.print(f"  ... and {len(shown) - SHOW_CHECKED} more snapshots (all in --json: digest_checked)")
+    for p in report.problems:
+        console.print(f"[red]{p['problem']} chunk[/] {p['chunk']} breaks snapshots: {', '.join(p['snapshots'])}")
+    for p in report.item_problems:
+        exp, act = p["expected"], p["actual"]
+        found = f"; the data holds {act['records']:,} records, digest {act['digest']}" if act else ""
+        console.print(f"[red]item mismatch[/] snapshot {p['snapshot']} item {escape(p['item'])}: "
+                      + escape(f"{p['problem']} (manifest: {exp['records']:,} records, digest {exp['digest']}{found})"),
+                      soft_wrap=True)
+    for e in report.manifest_errors:
+        console.print(f"[red]unreadable manifest:[/] {e}")
+    if report.ok:
+        console.print("[green]no problems found[/]")
 
 
 @app.command()

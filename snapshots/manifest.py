@@ -36,6 +36,14 @@ def is_snapshot_id(value: str) -> bool:
     return bool(_ID.match(value))
 
 
+def snapshot_id_time(snapshot_id: str) -> datetime | None:
+    """The time an id encodes (its writer's start, UTC, to the second), or None for a
+    malformed id. Readable without the manifest: how an unreadable one is placed in time."""
+    if not is_snapshot_id(snapshot_id):
+        return None
+    return datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+
+
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

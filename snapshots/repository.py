@@ -9,15 +9,16 @@ Layout (DESIGN.md): config.json, snapshots/<id>.json, data/<ab>/<hash>, locks/, 
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from snapshots import codec
 from snapshots.errors import CorruptChunkError, ManifestError, NotFoundError, UsageError
 from snapshots.leases import Lease, acquire_lease
-from snapshots.manifest import FORMAT_VERSION, Item, Manifest, RepoConfig, is_snapshot_id, utcnow
+from snapshots.manifest import FORMAT_VERSION, Item, Manifest, RepoConfig, is_snapshot_id, snapshot_id_time, utcnow
 from snapshots.retries import retry_call
 from snapshots.settings import RepositorySettings, redact_url
 from snapshots.stores.base import ObjectStore, open_store
@@ -27,6 +28,11 @@ from snapshots.writer import SnapshotWriter
 T = TypeVar("T")
 PRE_RESTORE_TAG = "pre-restore"
 READ_AHEAD = 4
+# An id's time is its writer's start on the backup host's clock, taken just after the source's
+# cut opened (backup/job.py); cut_time may come from the server's clock (PostgreSQL now(),
+# Redis TIME). An unreadable manifest is placed in time by its id give or take this much.
+ID_TIME_SLACK = timedelta(minutes=1)
+log = logging.getLogger("statevault.repository")
 
 
 class Repository:
@@ -40,6 +46,7 @@ class Repository:
         self.lease_ttl = lease_ttl
         self.url = redact_url(store.url)
         self.manifest_errors: list[ManifestError] = []
+        self.unreadable: dict[str, ManifestError] = {}  # snapshot id -> why its manifest is unreadable
         self._leases: list[Lease] = []  # taken through `lease()`; released ones are dropped lazily
 
     # ---- retries -------------------------------------------------------------------------
@@ -85,12 +92,13 @@ class Repository:
 
     def list_snapshots(self, source: str | None = None) -> list[Manifest]:
         """Valid manifests, oldest cut first; unreadable ones are collected in `manifest_errors`."""
-        out, self.manifest_errors = [], []
+        out, self.manifest_errors, self.unreadable = [], [], {}
         ids = self.snapshot_ids()
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for result in pool.map(self._try_load, ids):
+            for sid, result in zip(ids, pool.map(self._try_load, ids)):
                 if isinstance(result, ManifestError):
                     self.manifest_errors.append(result)
+                    self.unreadable[sid] = result
                 elif result is not None and (source is None or result.source == source):
                     out.append(result)
         return sorted(out, key=lambda m: (m.cut_time, m.id))
@@ -108,6 +116,13 @@ class Repository:
 
         `latest` and `at` never pick a `pre-restore` snapshot (the state a restore replaced):
         after a restore, "latest" still means the newest backup. Name its id to restore one.
+
+        `at` is converted to UTC (naive: taken as UTC). Given in whole seconds (as listings
+        show cut times), it means the end of that second: 03:00:00Z includes a snapshot cut at
+        03:00:00.4, so a time pasted from `snapshots list` finds the snapshot listed.
+
+        `latest` and `at` warn (log, stderr in the CLI) about unreadable manifests that could
+        be newer than the snapshot chosen: the choice itself ignores them.
         """
         if ref != "latest" and is_snapshot_id(ref):
             manifest = self.load_manifest(ref)
@@ -118,19 +133,42 @@ class Repository:
         if ref == "latest":
             candidates = [m for m in candidates if PRE_RESTORE_TAG not in m.tags]
         where = f" for source {source!r}" if source else ""
+        limit = None
         if at is not None:
-            at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-            candidates = [m for m in candidates if m.cut_time <= at]
-            where += f" at or before {at:%Y-%m-%dT%H:%M:%SZ}"
+            at = at.astimezone(timezone.utc) if at.tzinfo else at.replace(tzinfo=timezone.utc)
+            limit = at.replace(microsecond=999_999) if at.microsecond == 0 else at
+            candidates = [m for m in candidates if m.cut_time <= limit]
+            where += f" at or before {_iso_utc(at)}"
         if ref != "latest":
             candidates = [m for m in candidates if m.id.startswith(ref)]
             if len(candidates) > 1:
                 raise UsageError(f"snapshot prefix {ref!r} is ambiguous{where}: "
                                  + ", ".join(m.id for m in candidates[:5]))
+        suspects = self._unreadable_after(candidates[-1] if candidates else None, limit) if ref == "latest" else []
         if not candidates:
             what = "no snapshot" if ref == "latest" else f"no snapshot {ref!r}"
-            raise NotFoundError(f"{what}{where} in {self.url}")
-        return candidates[-1]
+            hint = None
+            if suspects:
+                hint = (f"{len(suspects)} unreadable manifest(s) could hold it: " + ", ".join(suspects[:5])
+                        + ". Run `statevault snapshots check`.")
+            raise NotFoundError(f"{what}{where} in {self.url}", hint=hint)
+        chosen = candidates[-1]
+        for sid in suspects:
+            log.warning("unreadable manifest: %s; it could be a newer snapshot%s than %s, which was chosen. "
+                        "Run `statevault snapshots check`.", self.unreadable[sid].message, where, chosen.id)
+        return chosen
+
+    def _unreadable_after(self, chosen: Manifest | None, limit: datetime | None) -> list[str]:
+        """Unreadable manifests (of any source: theirs is unknown) whose id time says they could
+        be cut after `chosen` and, with `limit`, at or before it."""
+        out = []
+        floor = snapshot_id_time(chosen.id) - ID_TIME_SLACK if chosen is not None else None
+        for sid in sorted(self.unreadable):
+            t = snapshot_id_time(sid)
+            if t is None or (floor is not None and t < floor) or (limit is not None and t > limit + ID_TIME_SLACK):
+                continue
+            out.append(sid)
+        return out
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.store.delete(f"snapshots/{snapshot_id}.json")
@@ -171,9 +209,9 @@ class Repository:
 
     def iter_record_blocks(self, item: Item) -> Iterator[list[bytes]]:
         """The item's records, one list per chunk (for callers that work a block at a time)."""
-        width = item.schema.get("row_bytes") if item.format.startswith("f32le") else None
+        width = record_width(item)
         for data in self.iter_chunks(item):
-            yield codec.split_fixed(data, width) if width else codec.split_lines(data)
+            yield split_records(data, width)
 
     # ---- leases and small objects --------------------------------------------------------
     def lease(self, purpose: str, *, exclusive: bool = False, name: str = "repository") -> Lease:
@@ -187,6 +225,20 @@ class Repository:
 
     def put_json(self, key: str, data: bytes) -> None:
         self.store.put(key, data)
+
+
+def record_width(item: Item) -> int | None:
+    """The fixed record size of an item's format (f32le rows), or None for line records."""
+    return item.schema.get("row_bytes") if item.format.startswith("f32le") else None
+
+
+def split_records(data: bytes, width: int | None) -> list[bytes]:
+    """The records of a chunk: rows of `width` bytes (record_width), else lines."""
+    return codec.split_fixed(data, width) if width else codec.split_lines(data)
+
+
+def _iso_utc(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if t.microsecond else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def _new_config() -> RepoConfig:
