@@ -19,7 +19,16 @@ A holder that only stalled (a partition, a suspended VM) comes back to a lease t
 been taken over meanwhile; refreshing it would not undo that. Each lease therefore knows
 whether it *lapsed*: a refresh that landed after the previous one's expiry, or no valid one
 now. `stands()` is False from then on, and whoever relies on the lease re-checks what it
-assumed (a backup re-verifies its chunks before writing its manifest: snapshots/writer.py).
+assumed (a backup re-verifies its chunks before writing its manifest: snapshots/writer.py;
+prune re-checks before and after every deletion: snapshots/prune.py).
+
+A refresh that lands after a stall must not hide it: the lapse is recorded under the same lock
+`stands()` reads under, so a check racing with that refresh sees either the old expiry (passed)
+or the lapse, never the new expiry alone. Expiry is measured on two clocks, the wall clock the
+lease objects carry and the boot-time clock (which a wall clock that has not caught up yet
+after a VM resumed cannot hide); the earlier one counts. `confirm(margin)` is the check for
+holders that are about to act (prune before a deletion); `verify_in_store()` checks, without
+clocks, that no newer exclusive generation took over.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,6 +50,18 @@ _X = re.compile(r"^x-(\d{10})\.json$")
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _mono() -> float:
+    """Seconds on a clock that never jumps and counts a suspended host (Linux); else monotonic."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+class LeaseLapsedError(LockedError):
+    """A holder found, before or after acting, that its lease had not stood throughout (exit 4)."""
+
+    default_hint = ("Another statevault may have used the repository meanwhile, so nothing further was done. "
+                    "Run the command again; see `statevault locks list`.")
 
 
 def default_owner() -> str:
@@ -110,7 +132,9 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.lost = False    # set when a refresh found our lease gone (taken over after expiry)
         self.lapsed = False  # set when a refresh landed after our lease had expired (see module docstring)
-        self._valid_until: datetime | None = None
+        self._valid_until: datetime | None = None  # on the wall clock, as the lease object says
+        self._valid_mono = 0.0                     # the same instant on _mono()
+        self._state = threading.Lock()             # lapsed and the two expiries change together
 
     def _body(self, at: datetime) -> bytes:
         return json.dumps({
@@ -121,19 +145,67 @@ class Lease:
 
     def _write(self, write) -> bool:
         """Write our object with `write(key, body)`; track how long it keeps the lease valid."""
-        at = _now()
+        at, at_mono = _now(), _mono()  # taken before the write: the object says at + ttl
         done = write(self.key, self._body(at))
         if done is False:
             return False
-        if self._valid_until is not None and _now() > self._valid_until:
-            self.lapsed = True
-        self._valid_until = at + timedelta(seconds=self.ttl)
+        with self._state:
+            if self._valid_until is not None and self._left() <= 0:
+                self.lapsed = True  # the previous write had expired before this one was known to land
+            self._valid_until = at + timedelta(seconds=self.ttl)
+            self._valid_mono = at_mono + self.ttl
         return True
+
+    def _left(self) -> float:
+        """Seconds until the last write expires, on the earlier of both clocks (under _state)."""
+        return min((self._valid_until - _now()).total_seconds(), self._valid_mono - _mono())
+
+    def standing_for(self) -> float:
+        """Seconds the lease still stands for from now; 0.0 once it does not (see `stands`)."""
+        with self._state:
+            if self.key is None or self.lost or self.lapsed or self._valid_until is None:
+                return 0.0
+            return max(0.0, self._left())
 
     def stands(self) -> bool:
         """Held, never lapsed, not taken over, and not expired now."""
-        return (self.key is not None and not self.lost and not self.lapsed and self._valid_until is not None
-                and _now() < self._valid_until)
+        return self.standing_for() > 0
+
+    def state(self) -> str:
+        """Why the lease does not stand (or that it does), for error messages."""
+        if self.key is None:
+            return "was released"
+        if self.lost:
+            return "was taken over by another holder after it expired"
+        if self.lapsed:
+            return (f"lapsed: it expired before a refresh landed (this process stalled, or could not reach the "
+                    f"store, for longer than the lease's ttl of {self.ttl:g}s)")
+        left = self.standing_for()
+        if left <= 0:
+            return f"expired without a refresh (ttl {self.ttl:g}s)"
+        return f"stands for {left:.1f}s more"
+
+    def confirm(self, margin: float = 0.0, *, doing: str = "") -> None:
+        """Return once the lease stands for more than `margin` seconds from now; else raise LeaseLapsedError.
+
+        For a holder about to act: `margin` covers the time the action may take to land. A lease
+        that stands for less (a refresh is late: a slow store) is waited on while it stands.
+        """
+        while True:
+            left = self.standing_for()
+            if left > margin:
+                return
+            if left <= 0:
+                what = "exclusive" if self.exclusive else "shared"
+                raise LeaseLapsedError(f"{doing or self.purpose} stopped: its {what} lease {self.name!r} {self.state()}")
+            time.sleep(min(0.05, left))
+
+    def verify_in_store(self, *, doing: str = "") -> None:
+        """Exclusive leases: raise LeaseLapsedError if the store shows another holder took over
+        (a newer generation, or ours gone). Needs no clock."""
+        if self.exclusive and self.key is not None and self._superseded():
+            self.lost = True
+            raise LeaseLapsedError(f"{doing or self.purpose} stopped: its exclusive lease {self.name!r} {self.state()}")
 
     def acquire(self) -> "Lease":
         if self.exclusive:
