@@ -11,7 +11,7 @@ from rich.table import Table
 from cli import retention_cmd
 from cli.context import console, emit_json, fmt_time, human_bytes, state, with_repository
 from snapshots.check import check_repository
-from snapshots.errors import ManifestError, UsageError, VerificationError
+from snapshots.errors import ManifestError, NotFoundError, UsageError, VerificationError
 from snapshots.leases import list_leases
 from snapshots.manifest import is_snapshot_id
 from snapshots.prune import prune_repository
@@ -25,6 +25,15 @@ SourceOpt = Annotated[Optional[str], typer.Option("--source", "-s", help="Only t
 SHOW_CHECKED = 20  # snapshots whose digest-checked items `check --read-data-subset` lists
 
 
+def _check_source(ctx: typer.Context, repo, source: str) -> None:
+    """A --source that is neither configured nor in the repository is a typo: NotFoundError
+    (exit 2), rather than an empty answer. A source dropped from the config keeps its snapshots."""
+    configured = state(ctx).settings.sources
+    if source not in configured and not repo.list_snapshots(source=source):
+        raise NotFoundError(f"no source {source!r}: it is not in the config and has no snapshots in {repo.url}",
+                            hint=f"Sources in the config: {', '.join(sorted(configured)) or 'none'}.")
+
+
 @app.command("list")
 def list_(ctx: typer.Context, source: SourceOpt = None, json: JsonOpt = False) -> None:
     """Every snapshot, oldest first. Cut times are shown in UTC to the second (--json: in full); a
@@ -33,6 +42,8 @@ def list_(ctx: typer.Context, source: SourceOpt = None, json: JsonOpt = False) -
     with with_repository(ctx) as repo:
         manifests = repo.list_snapshots(source=source)
         errors = [e.message for e in repo.manifest_errors]
+        if source and not manifests:
+            _check_source(ctx, repo, source)
     if json:
         emit_json({"snapshots": [_summary(m) for m in manifests], "manifest_errors": errors})
         return
@@ -169,6 +180,8 @@ def forget(ctx: typer.Context,
         if snapshot_ids:
             result = _forget_ids(repo, snapshot_ids, dry_run)
         else:
+            if source:
+                _check_source(ctx, repo, source)
             result = forget_snapshots(repo, settings, sources=[source] if source else None, policy=policy,
                                       dry_run=dry_run)
     if json:

@@ -154,7 +154,21 @@ def check_repository(repo: Repository, *, read_data: bool = False, subset_percen
     report.problems.sort(key=lambda p: p["chunk"])
     if reading:
         _check_items(report, manifests, partial)
+    if report.problems or report.item_problems:
+        _drop_forgotten(report, repo)
     return report
+
+
+def _drop_forgotten(report: CheckReport, repo: Repository) -> None:
+    """Forget the problems of snapshots forgotten while the check ran. The check takes no lease:
+    a forget + prune meanwhile (the daemon runs both) deletes chunks of snapshots the check
+    listed, which are not broken but gone. Listing again after the reads settles it: a chunk
+    still missing for a snapshot still there is a real problem."""
+    still = set(repo.snapshot_ids())
+    for p in report.problems:
+        p["snapshots"] = [s for s in p["snapshots"] if s in still]
+    report.problems = [p for p in report.problems if p["snapshots"]]
+    report.item_problems = [p for p in report.item_problems if p["snapshot"] in still]
 
 
 def _check_items(report: CheckReport, manifests, partial: dict) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from snapshots.errors import ConfigError
+from snapshots.errors import ConfigError, UsageError
 
 DEFAULT_CONFIG = "statevault.toml"
 _DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)m)?(?:(\d+)d)?(?:(\d+)h)?$")
@@ -25,7 +25,9 @@ _DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)m)?(?:(\d+)d)?(?:(\d+)h)?$")
 def _check_cron(expr: str) -> str:
     from croniter import croniter
 
-    if not croniter.is_valid(expr):
+    # croniter also takes a seventh field (years); the schedules here are five fields, or six
+    # with croniter's seconds last (backup/schedule.py)
+    if len(expr.split()) not in (5, 6) or not croniter.is_valid(expr):
         raise ValueError(f"not a valid cron expression: {expr!r} (five fields, e.g. '0 * * * *')")
     return expr
 
@@ -362,7 +364,7 @@ def approx_timedelta(duration: str):
     from datetime import timedelta
 
     m = _DURATION.match(duration)
-    if not m or not duration:
-        raise ConfigError(f"not a duration: {duration!r} (use y/m/d/h like 2d12h)")
+    if not m or not duration:  # from the config (validated there already) or an option like --grace
+        raise UsageError(f"not a duration: {duration!r} (use y/m/d/h like 2d12h)")
     y, mo, d, h = (int(x or 0) for x in m.groups())
     return timedelta(days=365 * y + 30 * mo + d, hours=h)

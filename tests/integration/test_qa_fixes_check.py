@@ -16,6 +16,7 @@ import orjson
 import pytest
 import redis
 
+from snapshots import codec
 from snapshots.check import check_repository
 from snapshots.errors import NotFoundError
 from snapshots.manifest import RepoConfig, utcnow
@@ -295,3 +296,51 @@ def test_a_listed_cut_time_pasted_into_at_finds_that_snapshot(repo):
     # a time with a fraction is exact
     assert repo.resolve("latest", source="history", at=cut - timedelta(microseconds=1)).id == earlier.id
     assert repo.resolve("latest", source="history", at=cut).id == m.id
+
+
+# ---- 5. a forget + prune while the check runs ---------------------------------------------
+
+def test_chunks_pruned_with_their_forgotten_snapshot_during_a_check_are_no_problem(repo, monkeypatch):
+    kept = snapshot(repo, items={"kept": rows("kept", 300)})
+    gone = snapshot(repo, items={"gone": rows("gone", 300)})
+    only_gone = sorted(set(gone.chunk_ids()) - set(kept.chunk_ids()))
+    assert only_gone
+    read = Repository.read_chunk
+    pruned = []
+
+    def read_while_pruning(self, cid):
+        if not pruned:  # the daemon's forget + prune, between the check's listing and its reads
+            repo.store.delete(f"snapshots/{gone.id}.json")
+            for c in only_gone:
+                repo.store.delete(codec.chunk_key(c))
+            pruned.append(True)
+        return read(self, cid)
+
+    monkeypatch.setattr(Repository, "read_chunk", read_while_pruning)
+    report = check_repository(repo, read_data=True)
+    assert pruned and report.ok, report.to_dict()
+    assert report.digest_checked.get(kept.id) == ["kept"]
+
+    # a chunk missing for a snapshot that is still there stays a problem
+    repo.store.delete(codec.chunk_key(sorted(kept.chunk_ids())[0]))
+    monkeypatch.setattr(Repository, "read_chunk", read)
+    report = check_repository(repo, read_data=True)
+    assert not report.ok and report.broken_snapshots == [kept.id]
+
+
+# ---- 6. a --source that names nothing -----------------------------------------------------
+
+@pytest.mark.parametrize("command", [["snapshots", "list"], ["snapshots", "forget", "--keep-last", "1"]])
+def test_a_source_neither_configured_nor_in_the_repository_is_exit_2(repo, capsys, command):
+    m = snapshot(repo, source="memory")
+    code, _, err = run_cli(capsys, *command, "--source", "memroy")
+    assert code == 2 and "no source 'memroy'" in err
+    assert [s.id for s in repo.list_snapshots()] == [m.id]
+    # a source dropped from the config still has its snapshots: listed, and forgotten by policy
+    code, out, _ = run_cli(capsys, "snapshots", "list", "--source", "memory", "--json")
+    assert code == 0 and [s["id"] for s in json.loads(out)["snapshots"]] == [m.id]
+
+
+def test_prune_grace_that_is_no_duration_is_a_usage_error_not_a_config_one(repo, capsys):
+    code, _, err = run_cli(capsys, "snapshots", "prune", "--grace", "banana")
+    assert code == 2 and "not a duration: 'banana'" in err and "config file" not in err

@@ -63,3 +63,15 @@ def test_a_metrics_port_already_taken_is_a_config_error():
         with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}") as caught:
             MetricsServer(None, lambda: (True, {}), "127.0.0.1", port)  # type: ignore[arg-type]
         assert "metrics_port" in caught.value.hint
+
+
+@pytest.mark.parametrize("expr, ok", [("0 * * * *", True), ("* * * * * */2", True), ("* * * * * * *", False),
+                                      ("* * * *", False)])
+def test_cron_schedules_take_five_fields_or_six_with_seconds(tmp_path, expr, ok):
+    config = tmp_path / "statevault.toml"
+    config.write_text(f'[repository]\nurl = "file://./repo"\n[sources.h]\nkind = "redis"\nschedule = "{expr}"\n')
+    if ok:
+        assert load_settings(config).sources["h"].schedule == expr
+    else:
+        with pytest.raises(ConfigError, match="sources.h"):
+            load_settings(config)
