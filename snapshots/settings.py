@@ -328,6 +328,7 @@ def load_settings(path: str | os.PathLike | None = None, *, required: bool = Fal
     elif required or path is not None:
         raise ConfigError(f"config file {p} does not exist",
                           hint="Pass --config FILE, set STATEVAULT_CONFIG, or create ./statevault.toml.")
+    _check_env_names()
     try:
         return Settings(**data)
     except ValidationError as exc:
@@ -336,6 +337,20 @@ def load_settings(path: str | os.PathLike | None = None, *, required: bool = Fal
             loc = ".".join(str(x) for x in err["loc"])
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"{p}: invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def _check_env_names() -> None:
+    """A STATEVAULT_X__Y variable names a setting: one whose first part is no setting is a typo
+    that would be ignored (pydantic-settings reads only known names; a typo deeper down is
+    already refused as an unknown key)."""
+    known = {name.upper() for name in Settings.model_fields}
+    for var in sorted(os.environ):
+        if var.startswith("STATEVAULT_") and "__" in var:
+            head = var[len("STATEVAULT_"):].split("__", 1)[0]
+            if head not in known:
+                raise ConfigError(f"environment variable {var}: {head} is no setting (settings: "
+                                  + ", ".join(f"STATEVAULT_{k}__..." for k in sorted(known)) + ")",
+                                  hint="Fix or unset the variable; nothing was changed.")
 
 
 _SECRET_QUERY = re.compile(r"((?:password|passwd|api_key|apikey|token|secret)=)[^&]*", re.I)

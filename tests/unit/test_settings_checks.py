@@ -75,3 +75,13 @@ def test_cron_schedules_take_five_fields_or_six_with_seconds(tmp_path, expr, ok)
     else:
         with pytest.raises(ConfigError, match="sources.h"):
             load_settings(config)
+
+
+def test_an_environment_variable_naming_no_setting_is_a_config_error(tmp_path, monkeypatch):
+    config = tmp_path / "statevault.toml"
+    config.write_text('[repository]\nurl = "file://./repo"\n')
+    monkeypatch.setenv("STATEVAULT_REPOSITORY__URL", "file://./elsewhere")
+    assert load_settings(config).repository.url == "file://./elsewhere"
+    monkeypatch.setenv("STATEVAULT_REPOSITORI__URL", "file://./typo")
+    with pytest.raises(ConfigError, match="STATEVAULT_REPOSITORI__URL: REPOSITORI is no setting"):
+        load_settings(config)
