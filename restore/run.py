@@ -85,19 +85,22 @@ class _Tee:
     """
 
     def __init__(self, blocks: Iterator[list[bytes]], plan: ItemPlan, canonical: Callable[[bytes], bytes] | None,
-                 written: Callable[[bytes], bool] | None, log=None):
+                 written: Callable[[bytes], bool] | None, log=None, transformed: bool = False):
         self._blocks, self._plan, self._canonical, self._written = blocks, plan, canonical, written
         self.log = log  # a target's ttl_log: the expiries of the records written, for its TTL check
         self.digest = RecordDigest(plan.item.digest_algo)
         self.bytes = 0
-        self.filtered = plan.record_filter is not None or written is not None
+        self.filtered = plan.record_filter is not None or written is not None or transformed
         # every record of the item, when the target skips some (Redis: keys expired under --ttl
-        # keep): what the manifest's count and digest are checked against
-        self.whole = RecordDigest(plan.item.digest_algo) if plan.record_filter is None and written else None
+        # keep): what the manifest's count and digest are checked against. Not when the target
+        # rewrites records on their way (`written_records`: hash fields expired under --ttl keep)
+        self.whole = (RecordDigest(plan.item.digest_algo)
+                      if plan.record_filter is None and written and not transformed else None)
 
     @property
     def item_digest(self) -> RecordDigest | None:
-        """The digest of all the item's records as read, or None for a partial restore (--only)."""
+        """The digest of all the item's records as read, or None when the tee sees a selection
+        (--only) or rewritten records."""
         return self.whole if self.filtered else self.digest
 
     def __iter__(self) -> Iterator[bytes]:
@@ -201,8 +204,9 @@ def _write(repo: Repository, target, plans: list[ItemPlan], options: RestoreOpti
         canon = None if getattr(target, "canonical_is_identity", False) else _canonical(target, plan)
         written = getattr(target, "written_filter", None)
         ttl_log = getattr(target, "ttl_log", None)
-        tee = _Tee(_written_blocks(repo, target, plan, options), plan, canon,
-                   written(plan, options) if written else None, ttl_log() if ttl_log else None)
+        blocks, transformed = _written_blocks(repo, target, plan, options)
+        tee = _Tee(blocks, plan, canon, written(plan, options) if written else None,
+                   ttl_log() if ttl_log else None, transformed)
         try:
             target.restore(plan, iter(tee), options)
         except CorruptChunkError as exc:
@@ -227,14 +231,16 @@ def _write(repo: Repository, target, plans: list[ItemPlan], options: RestoreOpti
             progress(plan.item.name, tee.digest.count)
 
 
-def _written_blocks(repo: Repository, target, plan: ItemPlan, options: RestoreOptions) -> Iterator[list[bytes]]:
-    """The item's record blocks, through the target's `written_records` transform if it has one."""
+def _written_blocks(repo: Repository, target, plan: ItemPlan, options: RestoreOptions
+                    ) -> tuple[Iterator[list[bytes]], bool]:
+    """The item's record blocks, through the target's `written_records` transform if it has one
+    (and whether it had)."""
     transform = getattr(target, "written_records", None)
     cut = transform(plan, options) if transform is not None else None
     blocks = repo.iter_record_blocks(plan.item)
     if cut is None:
-        return blocks
-    return batched(cut(record for block in blocks for record in block), 4096)
+        return blocks, False
+    return batched(cut(record for block in blocks for record in block), 4096), True
 
 
 def _differs(digest: RecordDigest, item) -> str:
