@@ -28,7 +28,7 @@ from snapshots.offline.filters import as_plain_filter, filter_mask
 from snapshots.offline.layout import META_FILE, POINTS_FILE, PointId, normalize_point_id, read_meta, verify_files
 from snapshots.offline.payload_paths import compile_payload_selector
 from snapshots.offline import topk
-from snapshots.offline.topk import HIGHER_IS_BETTER, prepare_queries, squared_norms
+from snapshots.offline.topk import HIGHER_IS_BETTER, RowStats, prepare_queries, row_stats
 
 MASK_CACHE_SIZE = 16
 
@@ -43,10 +43,14 @@ class OfflineIndex:
 
     @classmethod
     def open(cls, dir: str | Path) -> "OfflineIndex":
+        """The index laid out in `dir`; a NotFoundError (exit 2) pointing at `offline pull` when
+        `dir` is missing or holds no collection (an empty index would answer every agent with
+        "no such collection", worse than the connection error that makes it fail over)."""
         root = Path(dir)
+        hint = (f"Run `statevault offline pull --dir {root}` first "
+                "(with --source S when several Qdrant sources are configured).")
         if not root.is_dir():
-            raise NotFoundError(f"offline index directory {root} does not exist",
-                                hint="Run `statevault offline pull` first.")
+            raise NotFoundError(f"offline index directory {root} does not exist", hint=hint)
         collections = {}
         for child in sorted(root.iterdir()):
             if child.name.startswith(".") or not (child / META_FILE).is_file():
@@ -55,6 +59,9 @@ class OfflineIndex:
             if coll.name != child.name:
                 raise ManifestError(f"offline index: {child}/meta.json names collection {coll.name!r}")
             collections[coll.name] = coll
+        if not collections:
+            raise NotFoundError(f"offline index directory {root} holds no collection (no <collection>/meta.json)",
+                                hint=hint)
         return cls(root, collections)
 
     def names(self) -> list[str]:
@@ -72,7 +79,11 @@ class OfflineIndex:
     def collection(self, name: str) -> "OfflineCollection":
         real = self.resolve(name)
         if real is None:
-            raise NotFoundError(f"Not found: Collection `{name}` doesn't exist!")
+            # the message is Qdrant's (offline serve answers it); the hint is for the CLI
+            raise NotFoundError(f"Not found: Collection `{name}` doesn't exist!",
+                                hint=f"The offline index in {self.root} has: {', '.join(self.names())}. "
+                                     f"`statevault offline pull --dir {self.root} --collection {name}` "
+                                     "adds a collection of the snapshot.")
         return self._collections[real]
 
 
@@ -84,7 +95,7 @@ class OfflineCollection:
         self.meta = meta
         self._lock = threading.RLock()
         self._matrices: dict[str, np.ndarray] = {}
-        self._sqnorms: dict[str, np.ndarray] = {}
+        self._stats: dict[str, RowStats | None] = {}
         self._presence: dict[str, np.ndarray] = {}
         self._ids: list[PointId] | None = None
         self._payloads: list[dict] | None = None
@@ -128,6 +139,15 @@ class OfflineCollection:
                                             f"expected float32 {shape}", chunk_id=chunk_id)
                 self._matrices[name] = arr
             return self._matrices[name]
+
+    def row_stats(self, name: str) -> RowStats | None:
+        """What the exact search's error bounds need (topk.row_stats: a reference point from a
+        sample of rows, and one pass for a per-row norm), computed on first use and kept. Nothing
+        is stored in the index, so indexes of every version search alike."""
+        with self._lock:
+            if name not in self._stats:
+                self._stats[name] = row_stats(self.matrix(name), self.vectors[name]["distance"])
+            return self._stats[name]
 
     def _points(self) -> tuple[list[PointId], list[dict]]:
         with self._lock:
@@ -240,13 +260,8 @@ class OfflineCollection:
         rows = None if mask is None else np.flatnonzero(mask)
         distance = spec["distance"]
         matrix = self.matrix(name)
-        sq = None
-        if distance == "Euclid":
-            with self._lock:
-                if name not in self._sqnorms:
-                    self._sqnorms[name] = squared_norms(matrix)
-                sq = self._sqnorms[name]
-        found = topk.top_k(matrix, prepare_queries(queries, distance), distance, top_k + offset, rows=rows, sqnorms=sq)
+        found = topk.top_k(matrix, prepare_queries(queries, distance), distance, top_k + offset, rows=rows,
+                           stats=self.row_stats(name))
         ids, payloads = self._points()
         results = []
         for rows_q, scores in found:
