@@ -32,6 +32,10 @@ from snapshots.settings import Settings, redact_url
 
 SCRATCH_PREFIX = "statevault_drill_"
 SAMPLED_QUERIES = 5
+SAMPLED_TOP_K = 10
+# offline scores are float64 over the float32 rows, Qdrant's float32: equal within this, relative
+# to max(1, |score|) (Qdrant's own rounding is ~1e-6 of that for a thousand dimensions)
+SCORE_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -260,7 +264,8 @@ def _open_scratch(cfg, drill_id: str) -> _Scratch:
 
 
 def _check_offline(repo: Repository, manifest, scratch: _QdrantScratch) -> dict[str, Any]:
-    """Sampled queries: the offline index's top-10 must equal Qdrant's exact search on the restored copy."""
+    """Sampled queries: the offline index's top-10 must agree with Qdrant's exact search on the
+    restored copy, up to ties (`agree_up_to_ties`)."""
     import numpy as np
     from qdrant_client import models
 
@@ -282,16 +287,53 @@ def _check_offline(repo: Repository, manifest, scratch: _QdrantScratch) -> dict[
                         if not np.isnan(matrix[i]).any()]
                 for i in rows:
                     q = np.asarray(matrix[i], dtype=np.float32)
-                    ours = [p["id"] for p in col.search(q, using=name or None, top_k=10, with_payload=False)]
+                    ours = [(p["id"], p["score"])
+                            for p in col.search(q, using=name or None, top_k=SAMPLED_TOP_K, with_payload=False)]
                     theirs = client.query_points(scratch.prefix + item.name, query=q.tolist(), using=name or None,
-                                                 limit=10,
+                                                 limit=SAMPLED_TOP_K,
                                                  # local mode is always exact and warns about search_params
                                                  search_params=models.SearchParams(exact=True) if scratch.url
                                                  else None).points
+                    theirs = [(p.id, p.score) for p in theirs]
                     checked += 1
-                    if ours != [p.id for p in theirs]:
-                        mismatches.append({"collection": item.name, "vector": name, "row": int(i)})
+                    if not agree_up_to_ties(ours, theirs, SAMPLED_TOP_K):
+                        mismatches.append({"collection": item.name, "vector": name, "row": int(i),
+                                           "offline": _hits(ours), "qdrant": _hits(theirs)})
     finally:
         client.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return {"ok": not mismatches, "queries": checked, "mismatches": mismatches[:10]}
+
+
+def _hits(hits: list[tuple[Any, float]]) -> list[list]:
+    return [[pid, round(float(score), 6)] for pid, score in hits]
+
+
+def scores_equal(a: float, b: float) -> bool:
+    return abs(a - b) <= SCORE_TOLERANCE * max(1.0, abs(a), abs(b))
+
+
+def agree_up_to_ties(ours: list[tuple[Any, float]], theirs: list[tuple[Any, float]], limit: int) -> bool:
+    """Whether two top-`limit` answers, (id, score) best first, are the same up to ties.
+
+    Equal scores come back in any order (Qdrant's order among ties is not statevault's lower row
+    first), so: the same number of hits, the same score at every rank (`scores_equal`), and the
+    same ids once each group of equal scores is taken as a set. A group that reaches the limit
+    may be cut by it: beyond the cut there may be more points with that score, and each side may
+    keep different ones, so there any ids are accepted (their scores already equal the boundary
+    score at every rank).
+    """
+    if len(ours) != len(theirs):
+        return False
+    if not all(scores_equal(a[1], b[1]) for a, b in zip(ours, theirs)):
+        return False
+    start = 0
+    for end in range(1, len(ours) + 1):
+        if (end < len(ours) and scores_equal(ours[end][1], ours[end - 1][1])
+                and scores_equal(theirs[end][1], theirs[end - 1][1])):
+            continue  # the group of equal scores goes on
+        cut_by_limit = end == len(ours) == limit
+        if not cut_by_limit and {p for p, _ in ours[start:end]} != {p for p, _ in theirs[start:end]}:
+            return False
+        start = end
+    return True

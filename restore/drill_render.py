@@ -40,8 +40,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         oc = s.get("offline_check")
         if oc:
             lines += ["", f"Offline index ({s['source']}): {oc['queries']} sampled queries, "
-                          f"{len(oc['mismatches'])} mismatches."]
+                          f"{len(oc['mismatches'])} mismatches (compared up to ties)."]
+            for mm in oc["mismatches"]:
+                if "offline" in mm:  # reports before the (id, score) lists had only where
+                    lines.append(f"- `{mm['collection']}` vector `{mm['vector'] or '(unnamed)'}`, row {mm['row']}: "
+                                 f"offline {_ids(mm['offline'])}, Qdrant {_ids(mm['qdrant'])}")
     return "\n".join(lines) + "\n"
+
+
+def _ids(hits: list) -> str:
+    return "[" + ", ".join(f"{pid} ({score:g})" for pid, score in hits) + "]"
 
 
 def _chart(history: list[dict[str, Any]], width: int = 640, height: int = 200) -> str:
