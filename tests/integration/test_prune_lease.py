@@ -27,8 +27,10 @@ from snapshots.repository import open_repository
 from snapshots.settings import Settings
 from tests.integration.test_repository import SMALL_CHUNKS, memory_rows
 
-TTL = 0.6
-STALL = 1.0  # > TTL
+# long enough that a lease is refreshed in time on a loaded 2-CPU CI host (0.6 s lapsed there
+# once, between two steps of a test); the stalls must outlast it
+TTL = 2.5
+STALL = 3.0  # > TTL
 
 
 class HookedStore:
