@@ -5,6 +5,7 @@ import dataclasses
 
 from backup.sources import open_source
 from backup.sources.base import ItemSpec
+from backup.sources.redis import recorded_scope
 from restore.targets import open_target
 from restore.verify import ItemCheck, digest_of
 from snapshots.errors import NotFoundError
@@ -46,16 +47,12 @@ def verify_live(repo: Repository, settings: Settings, source: str, ref: str = "l
 
 
 def _snapshot_scope(item, all_items) -> dict | None:
-    """For a Redis item (kind "keys"): the scope it was taken with, as its item schema records
-    it (restore/targets/redis.py reads it the same way, with the same defaults for snapshots
-    that lack a field); None for other kinds."""
+    """For a Redis item (kind "keys"): the scope it was taken with (recorded_scope, as a restore
+    reads it); None for other kinds."""
     if item.kind != "keys":
         return None
-    schema = item.schema or {}
-    names = [i.name for i in all_items]
-    earlier = names[:names.index(item.name)] if item.name in names else []
-    return {"pattern": schema.get("pattern", item.name), "earlier_patterns": schema.get("earlier_patterns", earlier),
-            "only": schema.get("only") or None}
+    pattern, earlier, only = recorded_scope(all_items, [i.name for i in all_items].index(item.name))
+    return {"pattern": pattern, "earlier_patterns": earlier, "only": only}
 
 
 def _measure(cfg, items, canon, only: list[str], all_items) -> list[ItemCheck]:

@@ -47,6 +47,16 @@ def read_scope(client, info: ServerInfo, scope: Scope, reader: KeyReader | None 
     yield from reader.read(scope.keys(client))
 
 
+def recorded_scope(items: list, index: int) -> tuple[str, list[str], list[str] | None]:
+    """(pattern, earlier items' patterns, `only` selectors) of a snapshot's `items[index]` as
+    its schema records them (RedisCut.items), with the defaults older snapshots need: what a
+    restore and a verify of that item read."""
+    item = items[index]
+    schema = item.schema or {}
+    return (schema.get("pattern", item.name), schema.get("earlier_patterns", [i.name for i in items[:index]]),
+            schema.get("only") or None)
+
+
 class RedisCut:
     def __init__(self, client, info: ServerInfo, url: str, patterns: list[str], only: list[str] | None,
                  now_ms: int, field_ttls: int = 0):

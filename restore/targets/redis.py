@@ -45,7 +45,7 @@ from __future__ import annotations
 import orjson
 from typing import Callable, Iterator
 
-from backup.sources.redis import KeyReader, read_scope
+from backup.sources.redis import KeyReader, read_scope, recorded_scope
 from backup.sources.redis_client import (ReplyPipe, _pack, bulk, connect, execute_many, raise_first_error, redis_errors,
                                          server_info, server_time_ms)
 from backup.sources.redis_keys import KeyMatcher, NameSorter, Scope, selector_may_match, sorted_minus
@@ -150,9 +150,7 @@ class RedisTarget:
             empty = int(client.execute_command("DBSIZE")) == 0
             for index, item in enumerate(manifest.items):
                 schema = item.schema
-                pattern = schema.get("pattern", item.name)
-                earlier = schema.get("earlier_patterns", [i.name for i in manifest.items[:index]])
-                within = schema.get("only")
+                pattern, earlier, within = recorded_scope(manifest.items, index)
                 if selectors and not any(selector_may_match(s, pattern, earlier) for s in selectors):
                     continue  # every selected key belongs to another item
                 scope = Scope(pattern, earlier, selectors or None, within=within)
