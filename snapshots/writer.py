@@ -329,7 +329,9 @@ class SnapshotWriter:
         held its shared repository lease, which keeps prune out. If that lease lapsed meanwhile
         (a stall longer than its ttl: see snapshots/leases.py), a prune may have deleted some of
         them. The manifest is then written only under a fresh shared lease (none while a prune
-        runs), after every chunk it names is found in the store; else nothing is committed."""
+        runs), after every chunk it names is found in the store; else nothing is committed. A
+        lapse that falls between that check and the manifest landing is re-checked the same way
+        after the write, and the manifest deleted again if a chunk is gone."""
         self._uploader.close()
         if self._uploader.error is not None:
             raise self._uploader.error
@@ -338,7 +340,18 @@ class SnapshotWriter:
             with self.repo.lease(f"re-check of snapshot {self.id} of {self.source}: its lease lapsed"):
                 self._verify_chunks_stored()
                 return self._write_manifest(cut_time, extra_info)
-        return self._write_manifest(cut_time, extra_info)
+        manifest = self._write_manifest(cut_time, extra_info)
+        if held and not all(lease.stands() for lease in held):
+            # the lease lapsed between that check and the manifest landing (a stall inside the
+            # write): the same re-check, after the fact; a snapshot missing chunks is taken back
+            with self.repo.lease(f"re-check of snapshot {self.id} of {self.source}: its lease lapsed"):
+                try:
+                    self._verify_chunks_stored()
+                except StoreError:
+                    self.repo.store.delete(f"snapshots/{self.id}.json")
+                    self.manifest = None
+                    raise
+        return manifest
 
     def _verify_chunks_stored(self) -> None:
         missing = []

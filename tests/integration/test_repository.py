@@ -370,6 +370,52 @@ def test_a_backup_whose_lease_lapsed_commits_only_when_its_chunks_survived(repo)
     assert repo.list_snapshots() == []
 
 
+def test_a_lease_that_lapses_while_the_manifest_is_written_is_checked_after_it(repo, monkeypatch):
+    """The lapse falls after commit's lease check, inside the manifest's write (a stall there),
+    and a prune deletes chunks meanwhile: the manifest that landed is re-checked under a fresh
+    lease and taken back (retryable); with nothing deleted, it stays."""
+    from datetime import timedelta
+
+    from snapshots.errors import StoreError
+    from snapshots.prune import prune_repository
+
+    write(repo, "memory", {"t": memory_rows(3000)})
+
+    def backup_stalling_in_its_write(prune: bool):
+        lease = repo.lease("backup memory")
+        writer = repo.begin_snapshot("memory", "postgres")
+        with writer.item("t", "table", "jsonl") as w:
+            w.add_many(memory_rows(3000))  # every chunk deduplicated
+        create = type(repo.store).create
+
+        def stall_then_create(store, key, data):
+            if key.startswith("snapshots/") and key.endswith(f"{writer.id}.json"):
+                lease._stop.set()
+                lease._thread.join()
+                lease.lapsed = True  # the stall outlasted the ttl (the next refresh records it so)
+                if prune:
+                    for m in repo.list_snapshots():
+                        repo.delete_snapshot(m.id)
+                    # the lapsed lease no longer keeps prune out (it is taken over once expired)
+                    lease.release()
+                    assert prune_repository(repo, grace=timedelta(0)).chunks_deleted > 0
+            return create(store, key, data)
+
+        monkeypatch.setattr(type(repo.store), "create", stall_then_create)
+        return lease, writer
+
+    lease, writer = backup_stalling_in_its_write(prune=False)
+    manifest = writer.commit(utcnow())
+    lease.release()
+    assert manifest.id in {m.id for m in repo.list_snapshots()}
+
+    lease, writer = backup_stalling_in_its_write(prune=True)
+    with pytest.raises(StoreError, match="deleted .* by a prune") as caught:
+        writer.commit(utcnow())
+    assert caught.value.retryable and writer.manifest is None
+    assert repo.list_snapshots() == []  # the manifest that landed was taken back
+
+
 def test_stored_chunks_are_freed_as_they_are_stored(file_repo_url):
     """With the cyclic GC off, what a backup holds after its upload is what it still needs, not
     every chunk it stored: each new chunk's `stat` ends in NotFoundError inside the retry
