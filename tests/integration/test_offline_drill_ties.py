@@ -16,6 +16,7 @@ from snapshots.offline.pull import pull_offline_index
 from snapshots.offline.search import OfflineIndex
 from snapshots.repository import open_repository
 from tests.cli_runner import run_cli
+from tests.integration.test_qdrant_qa_fixes import write_config
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning")]
 
@@ -45,17 +46,7 @@ def seed_duplicates(path) -> None:
 @pytest.fixture
 def config(tmp_path, qdrant_path):
     seed_duplicates(qdrant_path)
-    cfg = tmp_path / "statevault.toml"
-    cfg.write_text(f'''
-[repository]
-url = "{(tmp_path / 'repo').as_uri()}"
-
-[sources.knowledge]
-kind = "qdrant"
-path = "{qdrant_path}"
-offline_index = true
-''')
-    return cfg
+    return write_config(tmp_path / "statevault.toml", tmp_path / "repo", qdrant_path)  # offline_index: on by default
 
 
 def test_drill_passes_on_duplicate_vectors(config, capsys, tmp_path, qdrant_path):
